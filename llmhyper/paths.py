@@ -1,0 +1,30 @@
+"""Where llmhyper keeps downloaded data, the joined model, and caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """$LLMHYPER_CACHE, else $XDG_CACHE_HOME/llmhyper, else ~/.cache/llmhyper (created on demand)."""
+    root = os.environ.get("LLMHYPER_CACHE")
+    if root:
+        path = Path(root)
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        path = (Path(xdg) if xdg else Path.home() / ".cache") / "llmhyper"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def shared_posters_dir() -> Path | None:
+    """The team's poster folder (../shared/data/ml100k-posters next to the checkout), if present."""
+    env = os.environ.get("LLMHYPER_POSTERS")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent.parent
+    for cand in (here.parent / "shared" / "data" / "ml100k-posters",):
+        if (cand / "posters.csv").exists():
+            return cand
+    return None
