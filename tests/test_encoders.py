@@ -118,7 +118,8 @@ def test_cache_hit_avoids_re_encoding(tmp_path, images):
     np.testing.assert_array_equal(again, first)
     # one changed ad (new text) is the only one re-encoded; the image bytes are part of the key too
     e.texts_seen = []
-    embed_ads(e, ids, ["red shoes", "blue bag!", "green hat", "red shoes"], paths, tmp_path / "emb", progress=False)
+    edited = ["red shoes", "blue bag!", "green hat", "red shoes"]
+    embed_ads(e, ids, edited, paths, tmp_path / "emb", progress=False)
     assert e.texts_seen == ["blue bag!"]
     Path(images["logo"]).write_bytes(Path(images["scene"]).read_bytes())
     e.texts_seen = []
@@ -127,7 +128,8 @@ def test_cache_hit_avoids_re_encoding(tmp_path, images):
     # the on-disk form: JSON index + .npy matrix, one matrix file kept
     cache = EmbeddingCache(tmp_path / "emb", e.name, e.dim)
     assert len(cache) == 5
-    assert len(list((tmp_path / "emb").glob("*.npy"))) == 1 and len(list((tmp_path / "emb").glob("*.json"))) == 1
+    assert len(list((tmp_path / "emb").glob("*.npy"))) == 1
+    assert len(list((tmp_path / "emb").glob("*.json"))) == 1
     # another encoder name does not see these vectors
     assert len(EmbeddingCache(tmp_path / "emb", "other", 8)) == 0
 
@@ -219,7 +221,8 @@ def test_images_map_to_unit_vectors_in_text_space(real, images):
     table = real.class_table()
     assert table.shape == (1000, 384) and table.dtype == np.float32
     assert list((enc_mod.paths.cache_dir() / "encoders").glob("imagenet-classes-*.npy"))
-    ads = real.encode_ads(["Summer sale on sunglasses", "Green tea", "Plain text ad"], [paths[0], paths[1], None])
+    ads = real.encode_ads(["Summer sale on sunglasses", "Green tea", "Plain text ad"],
+                          [paths[0], paths[1], None])
     _unit(ads, 384)
     t = real.encode_texts(["Summer sale on sunglasses", "Plain text ad"])
     np.testing.assert_allclose(ads[0], (t[0] + v[0]) / np.linalg.norm(t[0] + v[0]), atol=1e-5)
@@ -295,7 +298,8 @@ def test_open_clip_encoder_with_a_tiny_random_checkpoint(tmp_path, images, monke
     torch.save(model.state_dict(), ckpt)
 
     e = get_encoder(f"open_clip:llmhyper-tiny-vit:{ckpt}")
-    assert isinstance(e, OpenClipEncoder) and e.dim == 32 and e.name.startswith("open_clip:llmhyper-tiny-vit:")
+    assert isinstance(e, OpenClipEncoder) and e.dim == 32
+    assert e.name.startswith("open_clip:llmhyper-tiny-vit:")
     t = e.encode_texts(["a cat", "a rocket"])
     i = e.encode_images([images["scene"], images["logo"]])
     _unit(t, 32)

@@ -1,0 +1,52 @@
+"""The real embedded LLM end to end: one synthetic ad, five features, judge on (about a minute on 2 cores).
+
+Runs with `--embedded` or LLMHYPER_TEST_EMBEDDED=1 (scripts/test.sh and CI set it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from llmhyper.generate import generate
+from llmhyper.prepare import prepare
+from llmhyper.program import LLMHyper, ProgramConfig
+from llmhyper.synthetic import generate_synthetic
+from tests.fakes import HashEncoder
+
+pytestmark = pytest.mark.embedded
+
+
+def five_feature_world():
+    syn = generate_synthetic(n_users=300, n_warm=30, n_cold=1, seed=2)
+    d = syn.data
+    return replace(d, features=d.features[:5], X=d.X[:, :5])
+
+
+def test_real_model_writes_weights_for_one_ad(tmp_path, monkeypatch):
+    from llmhyper.lm import build_lm
+
+    monkeypatch.setenv("LLMHYPER_CACHE", str(tmp_path / "cache"))
+    data = five_feature_world()
+    enc = HashEncoder()
+    prep = prepare(data, encoder=enc, k=2, progress=False)
+    program = LLMHyper(ProgramConfig(batch_size=5))
+    program.load("programs/zero_shot.json")
+    with build_lm("embedded", n_threads=2, max_tokens=300, cache=False) as handle:
+        totals = generate(prep, enc, program, handle, handle, data.cold_ads, tmp_path / "run", {"e2e": True},
+                          progress=False)
+    rec = json.loads((tmp_path / "run" / "ads" / f"{data.cold_ads[0]}.json").read_text())
+    assert rec["status"] in ("ok", "partial"), rec.get("reason") or rec.get("failed_features")
+    assert rec["status"] == "ok" or rec["failed_features"]  # a failure is always explained
+    assert set(rec["raw_weights"]) <= {f.name for f in data.features}
+    theta = np.array(list(rec["normalized_weights"].values()))
+    assert np.linalg.norm(theta) == pytest.approx(1.0, abs=1e-5) or not theta.any()
+    assert 0 < rec["alpha"] < 1 and np.isfinite(rec["delta"])
+    assert rec["tokens"]["prompt_tokens"] > 100 and rec["tokens"]["completion_tokens"] > 5
+    assert rec["judge"], "the judge ran"
+    calls = [json.loads(line) for line in (tmp_path / "run" / "calls.jsonl").read_text().splitlines()]
+    assert calls and all(c["outputs"] for c in calls)
+    assert totals["ads_done"] == 1
+    print(json.dumps({k: rec[k] for k in ("raw_weights", "reasoning", "judge", "seconds", "tokens")}, indent=1))
