@@ -112,7 +112,8 @@ def check_resume(out: Path, config: dict[str, Any], force: bool) -> None:
     path = out / "config.json"
     if path.exists():
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        # the program is identified by its hash; its path may differ between checkouts
+        diff = {k: (old.get(k), v) for k, v in config.items() if k != "program" and old.get(k) != v}
         if diff and not force:
             raise LLMHyperError(f"{out} holds a run with other settings {diff}; use a new --out "
                                 "(or --force to continue anyway)")

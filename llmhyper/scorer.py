@@ -1,0 +1,401 @@
+"""Serving-side scorer: many users x many ads, vectorised, from one or two weight artifacts.
+
+    p(user, ad) = sigmoid(theta_ad . x_user + b_ad)
+
+`Scorer.from_dirs(generated=DIR, trained=DIR or None)` loads the LLM-written artifact and, optionally,
+an artifact of trained per-ad models (e.g. `lr_warm`). An ad that has trained weights is served from
+them ("hand-over": trained wins, `source` says which one an ad uses); the catalogue is the generated
+ads (plus trained-only ads with `catalog="union"`).
+
+Everything a request needs lives in one immutable `Snapshot` (read-only float32 arrays): `theta` as a
+C-contiguous (features x ads) matrix, intercepts, per-ad sources and the judge's flags. `reload()`
+builds a new snapshot from the directories and swaps the reference atomically; a caller that took
+`scorer.snapshot` keeps a consistent view for as long as it holds it.
+
+Judge flags (paper, appendix C.2): the judge may call the pairing of an ad with a feature improper
+(e.g. an adult ad and a feature describing children). The scorer then never shows that ad to a user
+whose standardised value of that feature is strong, |x_f| >= `flag_threshold`. Flags are a policy on
+the (ad, feature) pair, so they keep applying after the ad is handed over to trained weights; flags of
+both artifacts are merged.
+
+User features are the standardised features of the artifact, in its `feature_names` order. Arrays are
+trusted to be in that order (pass `feature_names=` to have it checked); `vectorize` builds a row from
+a {name: value} mapping or a list and checks names, length and finiteness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmhyper.errors import DataError, LLMHyperError
+from llmhyper.weights import JSON_NAME, NPZ_NAME, WeightTable
+
+GENERATED, TRAINED = "generated", "trained"
+
+
+class FeatureError(LLMHyperError, ValueError):
+    """User features that do not fit the artifact: wrong names, order, length, or non-finite values."""
+
+
+# ---------------------------------------------------------------------------------------------
+# reading an artifact consistently (a writer may be replacing it while we read)
+# ---------------------------------------------------------------------------------------------
+def _read_artifact(directory: str | Path, attempts: int = 5) -> tuple[WeightTable, str]:
+    """The table and a sha256 over its two files' bytes. `WeightTable.save` writes the two files one
+    after the other, so a read can see a new .npz with an old .json: retried until both agree."""
+    d = Path(directory)
+    npz, js = d / NPZ_NAME, d / JSON_NAME
+    last: Exception | None = None
+    for attempt in range(attempts):
+        for p in (npz, js):
+            if not p.is_file():
+                raise DataError(f"no weight artifact here (expected {NPZ_NAME} and {JSON_NAME})", file=str(p))
+        try:
+            npz_bytes, js_bytes = npz.read_bytes(), js.read_bytes()
+            with np.load(io.BytesIO(npz_bytes), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            info = json.loads(js_bytes)
+            ad_ids = [str(a) for a in arrays["ad_ids"]]
+            names = [str(f) for f in arrays["feature_names"]]
+            if info.get("n_ads", len(ad_ids)) != len(ad_ids) or info.get("feature_names", names) != names:
+                raise DataError(f"{JSON_NAME} and {NPZ_NAME} disagree (being rewritten?)", file=str(d))
+            table = WeightTable(info.get("method", d.name), ad_ids, names, arrays["theta"], arrays["intercept"],
+                                info.get("flags", {}) or {}, info.get("meta", {}) or {})
+            digest = hashlib.sha256(npz_bytes + b"\0" + js_bytes).hexdigest()
+            break
+        except (OSError, ValueError, KeyError, DataError) as exc:  # torn read, truncated file, bad shapes
+            last = exc
+            time.sleep(0.05 * (attempt + 1))
+    else:
+        raise DataError(f"cannot read the weight artifact ({last})", file=str(d)) from last
+    if not (np.isfinite(table.theta).all() and np.isfinite(table.intercept).all()):
+        bad = [a for a, t, b in zip(table.ad_ids, table.theta, table.intercept, strict=True)
+               if not (np.isfinite(t).all() and np.isfinite(b))]
+        raise DataError(f"non-finite weights for ads {bad[:5]}", file=str(d))
+    return table, digest
+
+
+# ---------------------------------------------------------------------------------------------
+# the immutable snapshot
+# ---------------------------------------------------------------------------------------------
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """One consistent, read-only view of the served weights. Build with `Snapshot.build`."""
+
+    ad_ids: tuple[str, ...]
+    feature_names: tuple[str, ...]
+    theta: np.ndarray  # (n_features, n_ads) float32, C-contiguous
+    intercept: np.ndarray  # (n_ads,) float32
+    sources: tuple[str, ...]  # GENERATED or TRAINED per ad
+    flags: Mapping[str, tuple[str, ...]]  # ad id -> flagged feature names (those the artifact knows)
+    flag_threshold: float
+    version: str
+    loaded_at: str
+    paths: Mapping[str, str | None] = field(default_factory=dict)
+    # derived
+    _flag_cols: np.ndarray = field(default=None, repr=False)  # feature indices with any flag
+    _flag_mask: np.ndarray = field(default=None, repr=False)  # (len(_flag_cols), n_ads) float32 0/1
+    _pos: Mapping[str, int] = field(default=None, repr=False)
+    _fpos: Mapping[str, int] = field(default=None, repr=False)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(cls, generated: WeightTable, trained: WeightTable | None = None, *, flag_threshold: float = 1.0,
+              catalog: str = GENERATED, version: str | None = None,
+              paths: Mapping[str, str | None] | None = None) -> Snapshot:
+        if catalog not in (GENERATED, "union"):
+            raise ValueError(f"catalog must be 'generated' or 'union', not {catalog!r}")
+        if not np.isfinite(flag_threshold) or flag_threshold <= 0:
+            raise ValueError(f"flag_threshold must be a positive number, got {flag_threshold}")
+        names = list(generated.feature_names)
+        if len(set(names)) != len(names):
+            raise DataError(f"duplicate feature names in the '{generated.method}' artifact")
+        ids = list(generated.ad_ids)
+        theta = np.array(generated.theta, dtype=np.float64)
+        b = np.array(generated.intercept, dtype=np.float64)
+        sources = [GENERATED] * len(ids)
+        flags: dict[str, set[str]] = {a: set(f) for a, f in generated.flags.items()}
+        if trained is not None:
+            if set(trained.feature_names) != set(names):
+                extra = sorted(set(trained.feature_names) - set(names))
+                missing = sorted(set(names) - set(trained.feature_names))
+                raise DataError(f"the trained artifact '{trained.method}' has other features than the generated "
+                                f"one (missing {missing[:5]}, extra {extra[:5]})")
+            trained = trained.aligned(names)
+            pos = {a: i for i, a in enumerate(ids)}
+            new_ids, new_theta, new_b = [], [], []
+            for j, a in enumerate(trained.ad_ids):
+                if a in pos:  # hand-over: trained wins
+                    theta[pos[a]], b[pos[a]], sources[pos[a]] = trained.theta[j], trained.intercept[j], TRAINED
+                elif catalog == "union":
+                    new_ids.append(a)
+                    new_theta.append(trained.theta[j])
+                    new_b.append(trained.intercept[j])
+            if new_ids:
+                ids += new_ids
+                theta = np.vstack([theta, np.array(new_theta)])
+                b = np.concatenate([b, np.array(new_b)])
+                sources += [TRAINED] * len(new_ids)
+            for a, f in trained.flags.items():
+                flags.setdefault(a, set()).update(f)
+        if not (np.isfinite(theta).all() and np.isfinite(b).all()):
+            raise DataError("non-finite weights in the artifacts")
+        fpos = {f: i for i, f in enumerate(names)}
+        apos = {a: i for i, a in enumerate(ids)}
+        kept = {a: tuple(sorted(f for f in fs if f in fpos)) for a, fs in flags.items() if a in apos}
+        kept = {a: fs for a, fs in kept.items() if fs}
+        cols = sorted({fpos[f] for fs in kept.values() for f in fs})
+        cpos = {c: i for i, c in enumerate(cols)}
+        mask = np.zeros((len(cols), len(ids)), dtype=np.float32)
+        for a, fs in kept.items():
+            for f in fs:
+                mask[cpos[fpos[f]], apos[a]] = 1.0
+        if version is None:
+            h = hashlib.sha256(theta.tobytes() + b.tobytes() + json.dumps([ids, names, sources, kept]).encode())
+            version = h.hexdigest()[:12]
+        return cls(tuple(ids), tuple(names), _frozen(theta.T.astype(np.float32)), _frozen(b.astype(np.float32)),
+                   tuple(sources), kept, float(flag_threshold), version,
+                   datetime.now(timezone.utc).isoformat(timespec="seconds"), dict(paths or {}),
+                   _frozen(np.array(cols, dtype=np.intp)), _frozen(mask), apos, fpos)
+
+    # -- facts --------------------------------------------------------------------------------
+    @property
+    def n_ads(self) -> int:
+        return len(self.ad_ids)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def source_of(self, ad_id: str) -> str:
+        return self.sources[self._pos[str(ad_id)]]
+
+    def counts(self) -> dict[str, int]:
+        return {GENERATED: self.sources.count(GENERATED), TRAINED: self.sources.count(TRAINED),
+                "flagged_ads": len(self.flags)}
+
+    # -- inputs -------------------------------------------------------------------------------
+    def check_feature_names(self, feature_names: Sequence[str]) -> None:
+        """FeatureError unless `feature_names` is exactly the artifact's feature order."""
+        got = [str(f) for f in feature_names]
+        if got == list(self.feature_names):
+            return
+        unknown = [f for f in got if f not in self._fpos]
+        missing = [f for f in self.feature_names if f not in set(got)]
+        if unknown or missing:
+            raise FeatureError(f"feature names do not match the artifact: unknown {unknown[:5]}, "
+                               f"missing {missing[:5]}")
+        first = next(i for i, (g, e) in enumerate(zip(got, self.feature_names)) if g != e)
+        raise FeatureError(f"features are in another order than the artifact's: position {first} is "
+                           f"'{got[first]}', the artifact has '{self.feature_names[first]}' there")
+
+    def vectorize(self, features: Mapping[str, Any] | Sequence[Any]) -> np.ndarray:
+        """One user's (n_features,) float32 row from {name: value} (all names, no others) or a list in
+        the artifact's order. FeatureError says what is wrong."""
+        d = self.n_features
+        if isinstance(features, Mapping):
+            unknown = [str(k) for k in features if k not in self._fpos]
+            missing = [f for f in self.feature_names if f not in features]
+            if unknown or missing:
+                parts = []
+                if unknown:
+                    parts.append(f"unknown features {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+                if missing:
+                    parts.append(f"missing features {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+                raise FeatureError("; ".join(parts))
+            values = [features[f] for f in self.feature_names]
+            labels = list(self.feature_names)
+        elif isinstance(features, Sequence) and not isinstance(features, (str, bytes)):
+            if len(features) != d:
+                raise FeatureError(f"expected {d} feature values (in the order of /health 'features'), "
+                                   f"got {len(features)}")
+            values, labels = list(features), [f"{i} ({f})" for i, f in enumerate(self.feature_names)]
+        else:
+            raise FeatureError("features must be an object {name: value} or a list of numbers")
+        bad = [lab for lab, v in zip(labels, values, strict=True)
+               if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))]
+        if bad:
+            raise FeatureError(f"feature values must be numbers: {bad[:5]}")
+        x = np.array(values, dtype=np.float64)
+        if not np.isfinite(x).all():
+            raise FeatureError(f"non-finite feature values: {[lab for lab, v in zip(labels, x) if not np.isfinite(v)][:5]}")
+        return x.astype(np.float32)
+
+    def _matrix(self, X: Any, feature_names: Sequence[str] | None) -> np.ndarray:
+        if feature_names is not None:
+            self.check_feature_names(feature_names)
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim == 1:
+            X = X[None, :]
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise FeatureError(f"expected a (users, {self.n_features}) feature matrix, got shape {X.shape}")
+        return X
+
+    # -- scoring ------------------------------------------------------------------------------
+    def logits(self, X: Any, feature_names: Sequence[str] | None = None) -> np.ndarray:
+        """(users, ads) float32 logits."""
+        X = self._matrix(X, feature_names)
+        z = X @ self.theta
+        z += self.intercept
+        return z
+
+    def scores(self, X: Any, feature_names: Sequence[str] | None = None) -> np.ndarray:
+        """(users, ads) float32 click probabilities (flags are NOT applied; see `allowed`)."""
+        z = self.logits(X, feature_names)
+        np.multiply(z, 0.5, out=z)
+        np.tanh(z, out=z)
+        z += 1.0
+        z *= 0.5
+        return z
+
+    def allowed(self, X: Any, feature_names: Sequence[str] | None = None) -> np.ndarray:
+        """(users, ads) bool: False where a judge flag drops the ad for that user."""
+        X = self._matrix(X, feature_names)
+        if not len(self._flag_cols):
+            return np.ones((X.shape[0], self.n_ads), dtype=bool)
+        strong = (np.abs(X[:, self._flag_cols]) >= self.flag_threshold).astype(np.float32)
+        return (strong @ self._flag_mask) == 0
+
+    def rank_indices(self, X: Any, k: int = 10, feature_names: Sequence[str] | None = None
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per user: (ad indices, CTRs) of the top k allowed ads, best first. Ranked by logit (no float32
+        saturation ties); ties broken by ad position. Fewer than k when flags drop ads."""
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        X = self._matrix(X, feature_names)
+        z = self.logits(X)
+        if len(self._flag_cols):
+            z[~self.allowed(X)] = -np.inf
+        n, m = z.shape
+        k = min(int(k), m)
+        if k == 0:
+            return [(np.zeros(0, np.intp), np.zeros(0, np.float32)) for _ in range(n)]
+        if k < m:
+            top = np.argpartition(-z, k - 1, axis=1)[:, :k]
+        else:
+            top = np.broadcast_to(np.arange(m), (n, m))
+        zt = np.take_along_axis(z, top, axis=1)
+        order = np.lexsort((top, -zt), axis=-1)  # by -logit, then ad position
+        top = np.take_along_axis(top, order, axis=1)
+        zt = np.take_along_axis(zt, order, axis=1)
+        ctr = (0.5 * (1.0 + np.tanh(0.5 * zt))).astype(np.float32)
+        out = []
+        for i in range(n):
+            keep = np.isfinite(zt[i])
+            out.append((top[i][keep], ctr[i][keep]))
+        return out
+
+    def rank(self, X: Any, k: int = 10, feature_names: Sequence[str] | None = None
+             ) -> list[list[tuple[str, float]]]:
+        """Per user: the top k allowed ads as [(ad_id, ctr), ...], best first."""
+        ids = self.ad_ids
+        return [[(ids[j], float(c)) for j, c in zip(idx.tolist(), ctr.tolist())]
+                for idx, ctr in self.rank_indices(X, k, feature_names)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the scorer: directories + the current snapshot
+# ---------------------------------------------------------------------------------------------
+class Scorer:
+    """Serves the current `Snapshot`; `reload()` re-reads the directories and swaps atomically.
+
+    Methods read `self.snapshot` once per call, so a call never mixes two snapshots. Concurrent
+    `reload()` calls are serialised; a failing reload raises and leaves the current snapshot in place.
+    """
+
+    def __init__(self, snapshot: Snapshot, *, generated: str | Path | None = None,
+                 trained: str | Path | None = None, feature_names: Sequence[str] | None = None,
+                 catalog: str = GENERATED):
+        self._snapshot = snapshot
+        self._dirs = (None if generated is None else Path(generated), None if trained is None else Path(trained))
+        self._expected = None if feature_names is None else [str(f) for f in feature_names]
+        self._catalog = catalog
+        self._lock = threading.Lock()
+        self.reloads = 0
+
+    @classmethod
+    def from_tables(cls, generated: WeightTable, trained: WeightTable | None = None, *,
+                    flag_threshold: float = 1.0, catalog: str = GENERATED) -> Scorer:
+        return cls(Snapshot.build(generated, trained, flag_threshold=flag_threshold, catalog=catalog),
+                   catalog=catalog)
+
+    @classmethod
+    def from_dirs(cls, generated: str | Path, trained: str | Path | None = None, flag_threshold: float = 1.0,
+                  *, feature_names: Sequence[str] | None = None, catalog: str = GENERATED) -> Scorer:
+        """Load `generated` (e.g. RUN/weights) and optionally `trained`. With `feature_names`, the
+        artifact's feature order must be exactly that (FeatureError otherwise)."""
+        snap = cls._load(Path(generated), None if trained is None else Path(trained), flag_threshold,
+                         feature_names, catalog)
+        return cls(snap, generated=generated, trained=trained, feature_names=feature_names, catalog=catalog)
+
+    @staticmethod
+    def _load(generated: Path, trained: Path | None, flag_threshold: float,
+              feature_names: Sequence[str] | None, catalog: str) -> Snapshot:
+        gen, gh = _read_artifact(generated)
+        tr, th = _read_artifact(trained) if trained is not None else (None, "")
+        version = hashlib.sha256(f"{gh}:{th}:{flag_threshold}:{catalog}".encode()).hexdigest()[:12]
+        snap = Snapshot.build(gen, tr, flag_threshold=flag_threshold, catalog=catalog, version=version,
+                              paths={GENERATED: str(generated), TRAINED: None if trained is None else str(trained)})
+        if feature_names is not None:
+            snap.check_feature_names(feature_names)
+        return snap
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def reload(self) -> Snapshot:
+        """Re-read the artifact directories and swap in the new snapshot (same flag threshold)."""
+        gen, tr = self._dirs
+        if gen is None:
+            raise LLMHyperError("this scorer was not loaded from directories; nothing to reload")
+        with self._lock:
+            snap = self._load(gen, tr, self._snapshot.flag_threshold, self._expected, self._catalog)
+            if self._expected is None and snap.feature_names != self._snapshot.feature_names:
+                raise FeatureError("the reloaded artifact has other features (or another order) than the one "
+                                   "being served; restart the service to change features")
+            self._snapshot = snap  # one reference assignment: atomic for readers
+            self.reloads += 1
+            return snap
+
+    # -- delegation (each call uses one snapshot) ---------------------------------------------
+    @property
+    def ad_ids(self) -> tuple[str, ...]:
+        return self._snapshot.ad_ids
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self._snapshot.feature_names
+
+    def scores(self, X: Any, feature_names: Sequence[str] | None = None) -> np.ndarray:
+        return self._snapshot.scores(X, feature_names)
+
+    def allowed(self, X: Any, feature_names: Sequence[str] | None = None) -> np.ndarray:
+        return self._snapshot.allowed(X, feature_names)
+
+    def rank(self, X: Any, k: int = 10, feature_names: Sequence[str] | None = None
+             ) -> list[list[tuple[str, float]]]:
+        return self._snapshot.rank(X, k, feature_names)
+
+    def source_of(self, ad_id: str) -> str:
+        return self._snapshot.source_of(ad_id)
+
+    def vectorize(self, features: Mapping[str, Any] | Sequence[Any]) -> np.ndarray:
+        return self._snapshot.vectorize(features)
