@@ -68,7 +68,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         methods[name] = table
     if not ad_ids:
         raise LLMHyperError("the weight artifacts cover none of the cold ads of this data set")
-    result = evaluate(prep, methods, ad_ids=ad_ids, n_boot=args.bootstrap, seed=args.seed)
+    result = evaluate(prep, methods, ad_ids=ad_ids, n_boot=args.bootstrap, seed=args.seed,
+                      challengers=list(artifacts))
     result["wall_seconds"] = round(time.time() - t0, 1)
     print(markdown_table(result))
     print(f"\n(wall time {result['wall_seconds']} s)")
@@ -99,6 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_generate_parser(sub, add_data_args)
+
+    try:
+        from llmhyper.compile import add_compile_parser
+    except ImportError:  # compile not available in this build
+        pass
+    else:
+        add_compile_parser(sub, add_data_args)
+
+    try:
+        from llmhyper.evolution import add_evolution_parser
+    except ImportError:  # evolution not available in this build
+        pass
+    else:
+        add_evolution_parser(sub)
+
+    try:
+        from llmhyper.serve import add_serve_parser
+    except ImportError:  # serve not available in this build
+        pass
+    else:
+        add_serve_parser(sub)
     return parser
 
 

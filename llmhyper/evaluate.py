@@ -19,6 +19,8 @@ from llmhyper.prepare import Prepared, embed
 from llmhyper.weights import WeightTable
 
 REFERENCE = "lr_cold"
+BAR = "knn_cal"
+BAR_METRICS = ["auc", "ad_auc", "ndcg10", "logloss"]
 TABLE_METRICS = ["auc", "ad_auc", "ndcg5", "ndcg10", "logloss", "ece", "calib_ratio"]
 HEADERS = {"auc": "AUC", "ad_auc": "ad-AUC", "ndcg5": "NDCG@5", "ndcg10": "NDCG@10", "logloss": "log loss",
            "ece": "ECE", "calib_ratio": "pred/obs CTR"}
@@ -85,7 +87,10 @@ def ranking_latency_ms(method: Any, prep: Prepared, users: np.ndarray, ad_ids: l
 
 
 def evaluate(prep: Prepared, methods: dict[str, Any], *, ad_ids: list[str] | None = None, n_boot: int = 1000,
-             seed: int = 0, reference: str = REFERENCE) -> dict[str, Any]:
+             seed: int = 0, reference: str = REFERENCE, challengers: list[str] | None = None,
+             bar: str = BAR) -> dict[str, Any]:
+    """Every method on test users x `ad_ids`; each `challenger` (a weight artifact such as an LLM-HYPER
+    run) is also compared, paired, with `bar` (the calibrated k-NN prior: the bar an LLM must clear)."""
     data = prep.data
     ad_ids = ad_ids or data.cold_ads
     users = data.test_users
@@ -106,6 +111,12 @@ def evaluate(prep: Prepared, methods: dict[str, Any], *, ad_ids: list[str] | Non
                 v, lo, hi = bootstrap_interval(fn, Y, P, mask=M, n_boot=n_boot, seed=seed)
                 row[metric] = {"value": v, "lo": lo, "hi": hi}
         row["latency_ms_per_user"] = ranking_latency_ms(methods[name], prep, users, ad_ids)
+        if name in (challengers or []) and bar in preds:
+            row[f"vs_{bar}"] = {}
+            for metric in BAR_METRICS:
+                bs = paired_bootstrap(METRICS[metric], Y, P, preds[bar], mask=M, n_boot=n_boot, seed=seed)
+                row[f"vs_{bar}"][metric] = {"diff": bs["diff"], "lo": bs["diff_lo"], "hi": bs["diff_hi"],
+                                            "p_value": bs["p_value"]}
         rows[name] = row
     return {
         "dataset": data.name, "n_test_users": int(len(users)), "n_ads": len(ad_ids),
@@ -129,6 +140,16 @@ def markdown_table(result: dict[str, Any]) -> str:
                  if "diff_vs_ref" in d else "—")
         cells = [name] + [_fmt(row[m]) for m in TABLE_METRICS] + [f"{row['latency_ms_per_user']:.4f}", delta]
         lines.append("| " + " | ".join(cells) + " |")
+    bar_rows = [(n, r) for n, r in result["methods"].items() if any(k.startswith("vs_") for k in r)]
+    if bar_rows:
+        key = next(k for k in bar_rows[0][1] if k.startswith("vs_"))
+        lines += ["", f"Paired against {key[3:]} (difference, 95% interval, p):", "",
+                  "| method | " + " | ".join(HEADERS[m] for m in BAR_METRICS) + " |",
+                  "|---|" + "---|" * len(BAR_METRICS)]
+        for name, row in bar_rows:
+            cells = [f"{row[key][m]['diff']:+.3f} [{row[key][m]['lo']:+.3f}, {row[key][m]['hi']:+.3f}] "
+                     f"(p={row[key][m]['p_value']:.3f})" for m in BAR_METRICS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     sub = " (subset of cold ads covered by every artifact)" if result["ads_subset"] else ""
     lines.append("")
     lines.append(f"{result['dataset']}: {result['n_test_users']} test users x {result['n_ads']} cold ads{sub}, "

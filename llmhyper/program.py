@@ -61,14 +61,17 @@ def format_features(batch: list[dict[str, str]], examples: list[dict[str, Any]])
         trained = ", ".join(f"Example {i} {ex['weights'][f['name']]:+.2f}"
                             for i, ex in enumerate(examples, 1) if f["name"] in ex["weights"])
         lines.append(f"- {f['name']}: {f['description']}." + (f" Trained weights: {trained}." if trained else ""))
+    lines.append("Write exactly these keys: " + ", ".join(f["name"] for f in batch) + ".")
     return "\n".join(lines)
 
 
 # -- checking one answer ----------------------------------------------------------------------
 
-def check_weights(raw: Any, names: list[str], bound: float) -> tuple[dict[str, float], list[str]]:
-    """Exactly one finite number per name (keys matched exactly, else ignoring case and punctuation);
-    values beyond +-bound are clamped and reported. Raises WeightParseError otherwise."""
+def check_weights(raw: Any, names: list[str], bound: float,
+                  partial: bool = False) -> tuple[dict[str, float], list[str]]:
+    """One finite number per name (keys matched exactly, else ignoring case and punctuation); values
+    beyond +-bound are clamped and reported. Missing names raise WeightParseError, unless `partial`
+    and at least one name was answered (the caller then asks again for the rest)."""
     if not isinstance(raw, dict):
         raise WeightParseError(f"weights is a {type(raw).__name__}, not a mapping")
 
@@ -92,7 +95,7 @@ def check_weights(raw: Any, names: list[str], bound: float) -> tuple[dict[str, f
             clamped.append(f"{name}: {x:g} -> {math.copysign(bound, x):g}")
             x = math.copysign(bound, x)
         out[name] = x
-    if missing:
+    if missing and not (partial and out):
         raise WeightParseError(f"no weight for {len(missing)} of {len(names)} features: {missing}")
     return out, clamped
 
@@ -105,39 +108,53 @@ class LLMHyper(dspy.Module):
     def __init__(self, config: ProgramConfig | None = None):
         super().__init__()
         self.config = config or ProgramConfig()
-        self.predict_weights = dspy.ChainOfThought(PredictFeatureWeights)
+        # a short rationale: long ones from small models loop and get cut at max_tokens
+        self.predict_weights = dspy.ChainOfThought(PredictFeatureWeights, rationale_field=dspy.OutputField(
+            desc="at most two short sentences: who will click this ad, and which of these features matter"))
         self.judge = dspy.Predict(JudgeWeights)
 
     def batches(self, features: list[dict[str, str]]) -> list[list[dict[str, str]]]:
         b = self.config.batch_size
         return [features[i:i + b] for i in range(0, len(features), b)]
 
-    def _sample_batch(self, ad_txt: str, ex_txt: str, feat_txt: str, names: list[str], tag: str) -> dict[str, Any]:
-        """One sample of one batch, retried on unparseable output; never raises for LLM trouble."""
+    def _sample_batch(self, ad_txt: str, ex_txt: str, batch: list[dict[str, str]], examples: list[dict[str, Any]],
+                      tag: str) -> dict[str, Any]:
+        """One sample of one batch; an unparseable answer is retried, and an answer that covers only some
+        features is kept while the next attempt asks for the rest. Never raises for LLM trouble."""
         cfg = self.config
-        attempts = []
+        attempts: list[dict[str, Any]] = []
+        weights: dict[str, float] = {}
+        reasoning: list[str] = []
         for attempt in range(cfg.max_attempts):
+            pending = [f for f in batch if f["name"] not in weights]
+            names = [f["name"] for f in pending]
             rollout = f"{tag}-a{attempt}"
             # the very first call is greedy (temperature 0, cached); samples and retries must differ
             config = ({} if rollout == "s0-a0" else
                       {"rollout_id": rollout, "temperature": cfg.sample_temperature})
             try:
-                pred = self.predict_weights(ad=ad_txt, examples=ex_txt, features=feat_txt, config=config)
-                weights, clamped = check_weights(pred.weights, names, cfg.weight_bound)
+                pred = self.predict_weights(ad=ad_txt, examples=ex_txt, features=format_features(pending, examples),
+                                            config=config)
+                got, clamped = check_weights(pred.weights, names, cfg.weight_bound, partial=True)
             except (dspy.utils.exceptions.AdapterParseError, WeightParseError) as exc:
-                attempts.append({"ok": False, "reason": f"{type(exc).__name__}: {_short(exc)}"})
+                attempts.append({"ok": False, "asked": len(names), "reason": f"{type(exc).__name__}: {_short(exc)}"})
                 continue
-            attempts.append({"ok": True, "clamped": clamped})
-            return {"ok": True, "weights": weights, "reasoning": str(pred.reasoning).strip(), "attempts": attempts}
-        return {"ok": False, "attempts": attempts, "reason": attempts[-1]["reason"] if attempts else "no attempt"}
+            weights.update(got)
+            reasoning.append(str(pred.reasoning).strip())
+            missing = [n for n in names if n not in got]
+            attempts.append({"ok": not missing, "asked": len(names), "clamped": clamped,
+                             **({"reason": f"no weight for {missing}"} if missing else {})})
+            if not missing:
+                return {"ok": True, "weights": weights, "reasoning": " ".join(reasoning), "attempts": attempts}
+        last = attempts[-1]["reason"] if attempts else "no attempt"
+        return {"ok": False, "weights": weights, "reasoning": " ".join(reasoning), "attempts": attempts,
+                "reason": last}
 
     def _run_batch(self, ad_txt: str, ex_txt: str, batch: list[dict[str, str]], examples: list[dict[str, Any]],
                    round_tag: str) -> dict[str, Any]:
-        names = [f["name"] for f in batch]
-        feat_txt = format_features(batch, examples)
-        samples = [self._sample_batch(ad_txt, ex_txt, feat_txt, names, f"{round_tag}s{s}" if round_tag else f"s{s}")
+        samples = [self._sample_batch(ad_txt, ex_txt, batch, examples, f"{round_tag}s{s}" if round_tag else f"s{s}")
                    for s in range(self.config.n_samples)]
-        return {"features": names, "samples": samples}
+        return {"features": [f["name"] for f in batch], "samples": samples}
 
     def forward(self, ad: dict[str, Any], examples: list[dict[str, Any]],
                 features: list[dict[str, str]]) -> dspy.Prediction:
@@ -175,7 +192,7 @@ class LLMHyper(dspy.Module):
     def _judge(self, ad_txt: str, features: list[dict[str, str]], batches: list[dict[str, Any]]) -> dict[str, Any]:
         reasoning, weights = [], {}
         for b in batches:
-            first = next((s for s in b["samples"] if s["ok"]), None)
+            first = next((s for s in b["samples"] if s.get("weights")), None)
             if first:
                 reasoning.append(first["reasoning"])
                 weights.update({k: round(v, 3) for k, v in first["weights"].items()})
@@ -192,14 +209,14 @@ class LLMHyper(dspy.Module):
         return {"ok": True,
                 "inconsistent_features": sorted({str(x) for x in (v.inconsistent_features or [])} & names),
                 "improper_features": sorted({str(x) for x in (v.improper_features or [])} & names),
-                "verdict": str(v.verdict)}
+                "unknown_names": sorted({str(x) for x in (v.inconsistent_features or []) + (v.improper_features or [])}
+                                        - names)}
 
     def _summarise(self, features, batches, judge_rounds, flags) -> dspy.Prediction:
         weights, spread, n_ok, failed = {}, {}, {}, {}
         for b in batches:
-            ok = [s for s in b["samples"] if s["ok"]]
             for name in b["features"]:
-                vals = [s["weights"][name] for s in ok]
+                vals = [s["weights"][name] for s in b["samples"] if name in s.get("weights", {})]
                 if vals:
                     weights[name] = float(np.mean(vals))
                     spread[name] = float(np.std(vals))
@@ -209,7 +226,7 @@ class LLMHyper(dspy.Module):
         attempts = [a for b in batches for s in b["samples"] for a in s["attempts"]]
         return dspy.Prediction(
             weights=weights, spread=spread, n_samples_ok=n_ok, failed_features=failed,
-            reasoning=[next((s["reasoning"] for s in b["samples"] if s["ok"]), "") for b in batches],
+            reasoning=[next((s["reasoning"] for s in b["samples"] if s.get("reasoning")), "") for b in batches],
             batches=batches, judge=judge_rounds, flags=flags,
             calls=len(attempts), parse_failures=sum(not a["ok"] for a in attempts),
             config=asdict(self.config))

@@ -42,6 +42,7 @@ from llmhyper.errors import DataError, LLMHyperError
 from llmhyper.weights import JSON_NAME, NPZ_NAME, WeightTable
 
 GENERATED, TRAINED = "generated", "trained"
+_BLOCK_ELEMS = 256 * 1024  # float32 scores per block in `scores` (1 MiB: stays in L2/L3)
 
 
 class FeatureError(LLMHyperError, ValueError):
@@ -84,6 +85,31 @@ def _read_artifact(directory: str | Path, attempts: int = 5) -> tuple[WeightTabl
                if not (np.isfinite(t).all() and np.isfinite(b))]
         raise DataError(f"non-finite weights for ads {bad[:5]}", file=str(d))
     return table, digest
+
+
+def _sigmoid32(z: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
+
+
+def _top_one(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, CTRs) of the k largest logits of one user, best first, ties by position; -inf dropped."""
+    m = z.shape[0]
+    if k < m:
+        top = np.argpartition(z, m - k)[m - k:]
+        zt = z[top]
+        cut = zt.min()
+        if np.isfinite(cut) and np.count_nonzero(z == cut) > np.count_nonzero(zt == cut):
+            top = np.argsort(-z, kind="stable")[:k]  # a tie at the cut: keep the first by position
+        top.sort()
+    else:
+        top = np.arange(m)
+    zt = z[top]
+    order = np.argsort(-zt, kind="stable")
+    top, zt = top[order], zt[order]
+    if not np.isfinite(zt[-1]):
+        keep = np.isfinite(zt)
+        top, zt = top[keep], zt[keep]
+    return top, _sigmoid32(zt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +272,8 @@ class Snapshot:
             X = X[None, :]
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise FeatureError(f"expected a (users, {self.n_features}) feature matrix, got shape {X.shape}")
+        if not np.isfinite(X).all():
+            raise FeatureError("non-finite feature values (NaN or infinity) in the feature matrix")
         return X
 
     # -- scoring ------------------------------------------------------------------------------
@@ -257,13 +285,23 @@ class Snapshot:
         return z
 
     def scores(self, X: Any, feature_names: Sequence[str] | None = None) -> np.ndarray:
-        """(users, ads) float32 click probabilities (flags are NOT applied; see `allowed`)."""
-        z = self.logits(X, feature_names)
-        np.multiply(z, 0.5, out=z)
-        np.tanh(z, out=z)
-        z += 1.0
-        z *= 0.5
-        return z
+        """(users, ads) float32 click probabilities (flags are NOT applied; see `allowed`).
+
+        Computed in blocks of users whose scores fit in cache (~1 MiB), so the element-wise passes of
+        the logistic run in cache and each score goes to memory once."""
+        X = self._matrix(X, feature_names)
+        n, m = X.shape[0], self.n_ads
+        out = np.empty((n, m), dtype=np.float32)
+        rows = max(1, _BLOCK_ELEMS // max(m, 1))
+        for i in range(0, n, rows):
+            z = out[i:i + rows]
+            np.matmul(X[i:i + rows], self.theta, out=z)
+            z += self.intercept
+            z *= 0.5
+            np.tanh(z, out=z)  # sigmoid(t) = (1 + tanh(t / 2)) / 2, no overflow
+            z *= 0.5
+            z += 0.5
+        return out
 
     def allowed(self, X: Any, feature_names: Sequence[str] | None = None) -> np.ndarray:
         """(users, ads) bool: False where a judge flag drops the ad for that user."""
@@ -287,20 +325,28 @@ class Snapshot:
         k = min(int(k), m)
         if k == 0:
             return [(np.zeros(0, np.intp), np.zeros(0, np.float32)) for _ in range(n)]
+        if n == 1:  # the serving case: 1-d operations, a few microseconds cheaper than the batch path
+            return [_top_one(z[0], k)]
         if k < m:
-            top = np.argpartition(-z, k - 1, axis=1)[:, :k]
+            top = np.argpartition(z, m - k, axis=1)[:, m - k:]
+            # a tie at the cut: argpartition keeps any of the tied ads; redo such rows to keep the first
+            zt = np.take_along_axis(z, top, axis=1)
+            cut = zt.min(axis=1, keepdims=True)
+            tied_out = (z == cut).sum(axis=1) > (zt == cut).sum(axis=1)
+            for i in np.flatnonzero(tied_out & np.isfinite(cut[:, 0])).tolist():
+                top[i] = np.argsort(-z[i], kind="stable")[:k]
         else:
             top = np.broadcast_to(np.arange(m), (n, m))
+        top = np.sort(top, axis=1)  # by ad position, so the stable sort below breaks ties by position
         zt = np.take_along_axis(z, top, axis=1)
-        order = np.lexsort((top, -zt), axis=-1)  # by -logit, then ad position
+        order = np.argsort(-zt, axis=1, kind="stable")
         top = np.take_along_axis(top, order, axis=1)
         zt = np.take_along_axis(zt, order, axis=1)
-        ctr = (0.5 * (1.0 + np.tanh(0.5 * zt))).astype(np.float32)
-        out = []
-        for i in range(n):
-            keep = np.isfinite(zt[i])
-            out.append((top[i][keep], ctr[i][keep]))
-        return out
+        ctr = _sigmoid32(zt)
+        kept = np.isfinite(zt).sum(axis=1)  # dropped ads (-inf) sort last
+        if (kept == k).all():
+            return list(zip(top, ctr))
+        return [(t[:c], p[:c]) for t, p, c in zip(top, ctr, kept.tolist())]
 
     def rank(self, X: Any, k: int = 10, feature_names: Sequence[str] | None = None
              ) -> list[list[tuple[str, float]]]:

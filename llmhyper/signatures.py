@@ -43,7 +43,7 @@ class JudgeWeights(dspy.Signature):
     List the features whose weight contradicts the reasoning. (2) Propriety: list features whose use for
     this ad would be improper, for example targeting children or a protected group with an ad that is
     unsuitable for them, or relying on a sensitive attribute in a way that would be discriminatory.
-    Leave a list empty when nothing is wrong. Be brief."""
+    Leave a list empty when nothing is wrong. Answer with the two lists only."""
 
     ad: str = dspy.InputField(desc="the new ad")
     features: str = dspy.InputField(desc="the feature definitions")
@@ -53,4 +53,3 @@ class JudgeWeights(dspy.Signature):
         desc="features whose weight sign contradicts the reasoning (empty if none)")
     improper_features: list[str] = dspy.OutputField(
         desc="features whose pairing with this ad is improper (empty if none)")
-    verdict: str = dspy.OutputField(desc="one sentence")

@@ -50,7 +50,7 @@ class ScriptedEngine:
                 self.judge_calls += 1
                 bad, improper = self.judge_policy(user)
                 text = (f"[[ ## inconsistent_features ## ]]\n{json.dumps(bad)}\n\n[[ ## improper_features ## ]]\n"
-                        f"{json.dumps(improper)}\n\n[[ ## verdict ## ]]\nchecked\n\n[[ ## completed ## ]]")
+                        f"{json.dumps(improper)}\n\n[[ ## completed ## ]]")
             elif "`weights` (dict[str, float])" in system and "[[ ## features ## ]]" in user:
                 text = self._weights(user)
             else:
@@ -67,7 +67,7 @@ class ScriptedEngine:
         names = batch_features(user)
         if not names:
             raise UnexpectedPrompt(f"weight call without features:\n{user[:500]}")
-        weights = {n: self.weight_policy(n, user) for n in names}
+        weights = {n: v for n in names if (v := self.weight_policy(n, user)) is not None}  # None: key left out
         return (f"[[ ## reasoning ## ]]\nScripted.\n\n[[ ## weights ## ]]\n{json.dumps(weights)}\n\n"
                 f"[[ ## completed ## ]]")
 

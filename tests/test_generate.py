@@ -64,7 +64,12 @@ def test_records_and_artifact(world, tmp_path):
     from llmhyper import baselines as bl
 
     knn = bl.calibrated(bl.knn_prior(prep.retired, prep.neighbours, cold), prep.X_cal, prep.alphas, "knn_cal")
-    res = evaluate(prep, {"lr_cold": bl.lr_cold(prep.retired, cold), "knn_cal": knn, "llm_hyper": table}, n_boot=50)
+    res = evaluate(prep, {"lr_cold": bl.lr_cold(prep.retired, cold), "knn_cal": knn, "llm_hyper": table}, n_boot=50,
+                   challengers=["llm_hyper"])
+    assert set(res["methods"]["llm_hyper"]["vs_knn_cal"]) == {"auc", "ad_auc", "ndcg10", "logloss"}
+    from llmhyper.evaluate import markdown_table
+
+    assert "Paired against knn_cal" in markdown_table(res)
     assert res["methods"]["llm_hyper"]["ad_auc"]["value"] >= res["methods"]["knn_cal"]["ad_auc"]["value"] - 0.01
 
 

@@ -91,7 +91,7 @@ def test_check_weights_rules():
 
 def test_feature_text_shows_example_weights():
     text = format_features(FEATURES[:1], EXAMPLES)
-    assert text == "- f0: feature number 0. Trained weights: Example 1 +0.25."
+    assert text == "- f0: feature number 0. Trained weights: Example 1 +0.25.\nWrite exactly these keys: f0."
 
 
 def test_scripted_lm_fails_loudly_on_unknown_prompt():
@@ -106,3 +106,18 @@ def test_program_state_roundtrip(tmp_path):
     q = LLMHyper()
     q.load(str(tmp_path / "prog.json"))
     assert q.predict_weights.predict.signature.instructions == "EVOLVED"
+
+
+def test_partial_answer_is_kept_and_only_missing_features_asked_again():
+    asked = []
+
+    def policy(feature, user):
+        asked.append(feature)
+        return None if (len(asked) <= 3 and feature in ("f1", "f2")) else 0.3  # first answer skips f1, f2
+
+    eng = ScriptedEngine(weight_policy=policy)
+    pred = run(eng, batch_size=3, use_judge=False)
+    first = pred.batches[0]["samples"][0]
+    assert [a["asked"] for a in first["attempts"]] == [3, 2] and first["ok"]
+    assert first["attempts"][0]["reason"] == "no weight for ['f1', 'f2']"
+    assert pred.weights["f0"] == 0.3 and pred.weights["f1"] == 0.3 and pred.failed_features == {}
