@@ -13,7 +13,7 @@ import platform
 import re
 import shlex
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +78,7 @@ def pct(values, q: float) -> float:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def update_section(name: str, title: str, notes: str, columns: list[str], rows: list[dict]) -> Path:
@@ -115,7 +115,7 @@ def update_section(name: str, title: str, notes: str, columns: list[str], rows: 
     block = "\n".join(lines)
 
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:

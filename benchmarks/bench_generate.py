@@ -28,9 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import pct, update_section  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
+from _common import pct, update_section
 
 
 def stats(values) -> dict[str, float]:

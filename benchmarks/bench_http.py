@@ -24,14 +24,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import ROOT, pct, single_thread, update_section  # noqa: E402
+from _common import ROOT, pct, single_thread, update_section
 
 single_thread(1)
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+import httpx
+import numpy as np
 
-from llmhyper.weights import WeightTable  # noqa: E402
+from llmhyper.weights import WeightTable
 
 
 def free_port() -> int:

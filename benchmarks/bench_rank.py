@@ -20,14 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import pct, single_thread, update_section  # noqa: E402
+from _common import pct, single_thread, update_section
 
 single_thread(1)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from llmhyper.scorer import Scorer  # noqa: E402
-from llmhyper.weights import WeightTable  # noqa: E402
+from llmhyper.scorer import Scorer
+from llmhyper.weights import WeightTable
 
 
 def synthetic(n_ads: int, d: int, flagged: bool, seed: int = 0) -> WeightTable:

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import single_thread, update_section  # noqa: E402
+from _common import single_thread, update_section
 
 
 def best_of(fn, repeat: int, budget_s: float) -> float:
@@ -38,6 +38,21 @@ def best_of(fn, repeat: int, budget_s: float) -> float:
         if time.perf_counter() > end:
             break
     return best
+
+
+def copy_bandwidth(np, mib: int, repeat: int) -> float:
+    """Bytes per second of a large array copy, counting read + write."""
+    src = np.random.default_rng(0).random(mib * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    return 2 * src.nbytes / best_of(lambda: np.copyto(dst, src), repeat, 5.0)
+
+
+def sgemm_peak(np, g: int) -> float:
+    """Float32 flops per second of a g x g x g matrix product."""
+    rng = np.random.default_rng(1)
+    a, b = rng.random((g, g), dtype=np.float32), rng.random((g, g), dtype=np.float32)
+    c = np.empty((g, g), np.float32)
+    return 2 * g**3 / best_of(lambda: np.matmul(a, b, out=c), 3, 10.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,21 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     from llmhyper.scorer import Scorer
     from llmhyper.weights import WeightTable
 
-    # memory bandwidth: copy a large array (bytes moved = read + write)
-    n = args.copy_mib * 2**20 // 4
-    src = np.random.default_rng(0).random(n, dtype=np.float32)
-    dst = np.empty_like(src)
-    t = best_of(lambda: np.copyto(dst, src), args.repeat, 5.0)
-    bw = 2 * src.nbytes / t
-    del src, dst
-    # compute: sgemm peak
-    g = 2048
-    A = np.random.default_rng(1).random((g, g), dtype=np.float32)
-    B = np.random.default_rng(2).random((g, g), dtype=np.float32)
-    C = np.empty((g, g), np.float32)
-    t = best_of(lambda: np.matmul(A, B, out=C), 3, 10.0)
-    peak = 2 * g**3 / t
-    del A, B, C
+    bw = copy_bandwidth(np, args.copy_mib, args.repeat)
+    peak = sgemm_peak(np, 2048)
     d = args.features
     mem_bound, flop_bound = bw / 4, peak / (2 * d)
     print(f"copy bandwidth {bw / 1e9:.2f} GB/s -> memory bound {mem_bound:.3e} scores/s (4 B/score)")
@@ -87,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         snap = Scorer.from_tables(table).snapshot
         out = np.empty((args.users, m), np.float32)
         n_scores = args.users * m
-        cases = [("GEMM only (matmul out=)", lambda: np.matmul(X, snap.theta, out=out)),
-                 ("scores() = GEMM + logistic", lambda: snap.scores(X))]
+        cases = [("GEMM only (matmul out=)", lambda s=snap, o=out: np.matmul(X, s.theta, out=o)),
+                 ("scores() = GEMM + logistic", lambda s=snap: s.scores(X))]
         if m <= 1000:
-            cases.append(("rank_indices(k=10), batch", lambda: snap.rank_indices(X, 10)))
+            cases.append(("rank_indices(k=10), batch", lambda s=snap: s.rank_indices(X, 10)))
         for label, fn in cases:
             t = best_of(fn, args.repeat, 5.0)
             rate = n_scores / t

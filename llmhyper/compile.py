@@ -235,7 +235,8 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        errs = exc.errors()
+        # a misspelt key also makes the real one "missing": name the misspelling first
+        errs = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         first = errs[0]
         fld = ".".join(str(x) for x in first["loc"]) or None
         msg = first["msg"]
@@ -690,6 +691,8 @@ class EvolutionRecorder:
     def __init__(self, folder: Path, train_ids: list[str], val_ids: list[str], reflection_lm=None,
                  run_no: int = 1, predictors: list[str] | None = None, metric: CTRFeedbackMetric | None = None):
         self.metric = metric
+        self._pruned = False
+        self._last_written: tuple[int, bool] | None = None  # (iteration, finished normally)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.train_ids, self.val_ids = list(train_ids), list(val_ids)
@@ -751,9 +754,38 @@ class EvolutionRecorder:
         self.event("optimization_start", trainset_size=ev.get("trainset_size"), valset_size=ev.get("valset_size"),
                    config=ev.get("config"))
 
+    def _rewrite_iterations(self, keep) -> None:
+        path = self.folder / "iterations.jsonl"
+        if not path.exists():
+            return
+        recs = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:  # cut short by a kill
+                continue
+        kept = [r for r in (keep(r) for r in recs) if r is not None]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def interrupted(self) -> None:
+        """Called when the run dies: an iteration cut short is marked as such (a resumed run replays it)."""
+        last = self._last_written
+        if last is not None and not last[1]:
+            self._rewrite_iterations(lambda r: {**r, "outcome": "interrupted"}
+                                     if r.get("iteration") == last[0] and r.get("run") == self.run_no else r)
+
     def on_iteration_start(self, ev) -> None:
         it = int(ev["iteration"])
         state = ev.get("state")
+        if not self._pruned:  # records of iterations GEPA's saved state does not hold will be replayed
+            self._pruned = True
+            dropped = [r.get("iteration") for r in _jsonl_safe(self.folder / "iterations.jsonl")
+                       if int(r.get("iteration", 0)) >= it]
+            if dropped:
+                self._rewrite_iterations(lambda r: None if int(r.get("iteration", 0)) >= it else r)
+                self.event("iterations_replayed", iterations=dropped)
         self.metric_calls = int(getattr(state, "total_num_evals", self.metric_calls))
         self.iteration = {"iteration": it, "run": self.run_no, "started": now(),
                           "metric_calls_at_start": self.metric_calls}
@@ -913,11 +945,13 @@ class EvolutionRecorder:
         rec = self.iteration
         rec["ended"] = now()
         rec["accepted"] = bool(ev.get("proposal_accepted"))
+        finished = "outcome" in rec or rec["accepted"]
         rec.setdefault("outcome", "accepted" if rec["accepted"] else "no_proposal")
         state = ev.get("state")
         rec["metric_calls_at_end"] = getattr(state, "total_num_evals", self.metric_calls)
         with open(self.folder / "iterations.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(jsonable(rec)) + "\n")
+        self._last_written = (int(rec["iteration"]), finished)
         self.event("iteration_end", iteration=rec["iteration"], outcome=rec["outcome"])
         self.iteration = None
 
@@ -944,6 +978,16 @@ class EvolutionRecorder:
                 "discovered_at_metric_calls": int(state.num_metric_calls_by_discovery[idx]),
                 "changed": _changed(cand, state.program_candidates[parents[0]] if parents else None)}
         self.write_candidates(best)
+
+
+def _jsonl_safe(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def _changed(cand: dict, parent: dict | None) -> list[str]:
@@ -1158,6 +1202,7 @@ def compile_recipe(recipe_path: str | Path, out_dir: str | Path = "programs", *,
         with dspy.context(lm=task_lm.lm):
             compiled = gepa.compile(program, trainset=trainset, valset=valset)
     except BaseException as exc:
+        recorder.interrupted()
         recorder.event("run_end", status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
                        error=f"{type(exc).__name__}: {exc}", wall_seconds=round(time.time() - t_start, 1))
         raise

@@ -396,6 +396,10 @@ class LMHandle:
         self.close()
 
 
+class LMSpecError(LLMHyperError, ValueError):
+    """An --lm / --api-base combination that cannot work."""
+
+
 def build_lm(spec: str = "embedded", *, api_base: str | None = None, api_key: str | None = None,
              temperature: float = 0.0, max_tokens: int = 400, n_threads: int = 1, cache: bool = True,
              n_ctx: int = 4096, **lm_kwargs: Any) -> LMHandle:
@@ -413,7 +417,7 @@ def build_lm(spec: str = "embedded", *, api_base: str | None = None, api_key: st
                                    "cache": cache}
     if spec == "embedded":
         if api_base is not None:
-            raise ValueError("api_base is only for remote models; the embedded model runs its own server")
+            raise LMSpecError("--api-base is only for remote models; the embedded model runs its own server")
         path = ensure_embedded_model()
         server = EmbeddedServer(path, n_threads=n_threads, n_ctx=n_ctx, model_alias=EMBEDDED_MODEL.name)
         try:
@@ -438,7 +442,7 @@ def build_lm(spec: str = "embedded", *, api_base: str | None = None, api_key: st
         handle._closers.append(server.close)
     else:
         if "/" not in spec:
-            raise ValueError(f"LM spec {spec!r}: use 'embedded' or a DSPy model string like 'openai/gpt-4o'")
+            raise LMSpecError(f"LM spec {spec!r}: use 'embedded' or a DSPy model string like 'openai/gpt-4o'")
         client: dict[str, Any] = {}
         if api_base is not None:
             client["api_base"] = api_base

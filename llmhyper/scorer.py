@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,8 @@ def _read_artifact(directory: str | Path, attempts: int = 5) -> tuple[WeightTabl
             names = [str(f) for f in arrays["feature_names"]]
             if info.get("n_ads", len(ad_ids)) != len(ad_ids) or info.get("feature_names", names) != names:
                 raise DataError(f"{JSON_NAME} and {NPZ_NAME} disagree (being rewritten?)", file=str(d))
-            table = WeightTable(info.get("method", d.name), ad_ids, names, arrays["theta"], arrays["intercept"],
-                                info.get("flags", {}) or {}, info.get("meta", {}) or {})
+            table = WeightTable(info.get("method", d.name), ad_ids, names, arrays["theta"],
+                                arrays["intercept"], info.get("flags", {}) or {}, info.get("meta", {}) or {})
             digest = hashlib.sha256(npz_bytes + b"\0" + js_bytes).hexdigest()
             break
         except (OSError, ValueError, KeyError, DataError) as exc:  # torn read, truncated file, bad shapes
@@ -162,14 +162,15 @@ class Snapshot:
             if set(trained.feature_names) != set(names):
                 extra = sorted(set(trained.feature_names) - set(names))
                 missing = sorted(set(names) - set(trained.feature_names))
-                raise DataError(f"the trained artifact '{trained.method}' has other features than the generated "
-                                f"one (missing {missing[:5]}, extra {extra[:5]})")
+                raise DataError(f"the trained artifact '{trained.method}' has other features than the "
+                                f"generated one (missing {missing[:5]}, extra {extra[:5]})")
             trained = trained.aligned(names)
             pos = {a: i for i, a in enumerate(ids)}
             new_ids, new_theta, new_b = [], [], []
             for j, a in enumerate(trained.ad_ids):
                 if a in pos:  # hand-over: trained wins
-                    theta[pos[a]], b[pos[a]], sources[pos[a]] = trained.theta[j], trained.intercept[j], TRAINED
+                    i = pos[a]
+                    theta[i], b[i], sources[i] = trained.theta[j], trained.intercept[j], TRAINED
                 elif catalog == "union":
                     new_ids.append(a)
                     new_theta.append(trained.theta[j])
@@ -194,11 +195,12 @@ class Snapshot:
             for f in fs:
                 mask[cpos[fpos[f]], apos[a]] = 1.0
         if version is None:
-            h = hashlib.sha256(theta.tobytes() + b.tobytes() + json.dumps([ids, names, sources, kept]).encode())
+            h = hashlib.sha256(theta.tobytes() + b.tobytes())
+            h.update(json.dumps([ids, names, sources, kept]).encode())
             version = h.hexdigest()[:12]
-        return cls(tuple(ids), tuple(names), _frozen(theta.T.astype(np.float32)), _frozen(b.astype(np.float32)),
-                   tuple(sources), kept, float(flag_threshold), version,
-                   datetime.now(timezone.utc).isoformat(timespec="seconds"), dict(paths or {}),
+        return cls(tuple(ids), tuple(names), _frozen(theta.T.astype(np.float32)),
+                   _frozen(b.astype(np.float32)), tuple(sources), kept, float(flag_threshold), version,
+                   datetime.now(UTC).isoformat(timespec="seconds"), dict(paths or {}),
                    _frozen(np.array(cols, dtype=np.intp)), _frozen(mask), apos, fpos)
 
     # -- facts --------------------------------------------------------------------------------
@@ -261,7 +263,8 @@ class Snapshot:
             raise FeatureError(f"feature values must be numbers: {bad[:5]}")
         x = np.array(values, dtype=np.float64)
         if not np.isfinite(x).all():
-            raise FeatureError(f"non-finite feature values: {[lab for lab, v in zip(labels, x) if not np.isfinite(v)][:5]}")
+            bad = [lab for lab, v in zip(labels, x, strict=True) if not np.isfinite(v)]
+            raise FeatureError(f"non-finite feature values: {bad[:5]}")
         return x.astype(np.float32)
 
     def _matrix(self, X: Any, feature_names: Sequence[str] | None) -> np.ndarray:
@@ -370,7 +373,8 @@ class Scorer:
                  trained: str | Path | None = None, feature_names: Sequence[str] | None = None,
                  catalog: str = GENERATED):
         self._snapshot = snapshot
-        self._dirs = (None if generated is None else Path(generated), None if trained is None else Path(trained))
+        self._dirs = (None if generated is None else Path(generated),
+                      None if trained is None else Path(trained))
         self._expected = None if feature_names is None else [str(f) for f in feature_names]
         self._catalog = catalog
         self._lock = threading.Lock()
@@ -398,7 +402,8 @@ class Scorer:
         tr, th = _read_artifact(trained) if trained is not None else (None, "")
         version = hashlib.sha256(f"{gh}:{th}:{flag_threshold}:{catalog}".encode()).hexdigest()[:12]
         snap = Snapshot.build(gen, tr, flag_threshold=flag_threshold, catalog=catalog, version=version,
-                              paths={GENERATED: str(generated), TRAINED: None if trained is None else str(trained)})
+                              paths={GENERATED: str(generated),
+                                     TRAINED: None if trained is None else str(trained)})
         if feature_names is not None:
             snap.check_feature_names(feature_names)
         return snap

@@ -5,7 +5,8 @@
 Endpoints
     POST /rank     {"features": {name: value, ...} | [values...], "k": 10}
                    -> {"ads": [{"ad_id", "ctr", "source"}, ...], "model_version"}
-                   batch: {"users": [features, ...], "k": 10} -> {"results": [{"ads": [...]}, ...], "model_version"}
+                   batch: {"users": [features, ...], "k": 10}
+                   -> {"results": [{"ads": [...]}, ...], "model_version"}
     GET  /health   {"ok", "n_ads", "features", "version", "loaded_at", "sources", "flagged_ads", ...}
     POST /reload   re-reads the artifact folders and swaps the snapshot atomically; requests in flight
                    finish on the snapshot they started with. A failed reload keeps the old snapshot (500).
@@ -74,7 +75,8 @@ def _parse_k(body: dict[str, Any], default: int = 10) -> int:
 
 def _ads(snap: Snapshot, idx, ctr) -> list[dict[str, Any]]:
     ids, src = snap.ad_ids, snap.sources
-    return [{"ad_id": ids[j], "ctr": round(c, 7), "source": src[j]} for j, c in zip(idx.tolist(), ctr.tolist())]
+    return [{"ad_id": ids[j], "ctr": round(c, 7), "source": src[j]}
+            for j, c in zip(idx.tolist(), ctr.tolist(), strict=True)]
 
 
 def handle_rank(snap: Snapshot, raw: bytes) -> dict[str, Any]:
@@ -84,7 +86,8 @@ def handle_rank(snap: Snapshot, raw: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"the body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
-        raise RequestError(422, "the body must be a JSON object with 'features' (or 'users') and optional 'k'")
+        raise RequestError(422, "the body must be a JSON object with 'features' (or 'users') and "
+                                "optional 'k'")
     unknown = sorted(set(body) - {"features", "users", "k"})
     if unknown:
         raise RequestError(422, f"unknown fields {unknown}; expected 'features' or 'users', and 'k'")
@@ -108,7 +111,8 @@ def handle_rank(snap: Snapshot, raw: bytes) -> dict[str, Any]:
             except FeatureError as exc:
                 raise FeatureError(f"users[{i}]: {exc}") from None
         ranked = snap.rank_indices(np.stack(rows), k)
-        return {"results": [{"ads": _ads(snap, idx, ctr)} for idx, ctr in ranked], "model_version": snap.version}
+        return {"results": [{"ads": _ads(snap, idx, ctr)} for idx, ctr in ranked],
+                "model_version": snap.version}
     except FeatureError as exc:
         raise RequestError(422, str(exc)) from None
 
@@ -117,7 +121,8 @@ def health(scorer: Scorer) -> dict[str, Any]:
     snap = scorer.snapshot
     counts = snap.counts()
     return {"ok": True, "n_ads": snap.n_ads, "features": list(snap.feature_names), "version": snap.version,
-            "loaded_at": snap.loaded_at, "sources": {"generated": counts["generated"], "trained": counts["trained"]},
+            "loaded_at": snap.loaded_at,
+            "sources": {"generated": counts["generated"], "trained": counts["trained"]},
             "flagged_ads": counts["flagged_ads"], "flag_threshold": snap.flag_threshold,
             "paths": dict(snap.paths), "reloads": scorer.reloads,
             "limits": {"max_body_bytes": MAX_BODY_BYTES, "max_k": MAX_K, "max_batch": MAX_BATCH}}
@@ -170,9 +175,11 @@ def create_app(scorer: Scorer):
         try:
             snap = await concurrency.run_in_threadpool(scorer.reload)
         except LLMHyperError as exc:
-            return JSONResponse({"detail": f"reload failed: {exc}; still serving version {old}"}, status_code=500)
-        return JSONResponse({"ok": True, "version": snap.version, "previous_version": old, "n_ads": snap.n_ads,
-                             "loaded_at": snap.loaded_at, "changed": snap.version != old})
+            return JSONResponse({"detail": f"reload failed: {exc}; still serving version {old}"},
+                                status_code=500)
+        return JSONResponse({"ok": True, "version": snap.version, "previous_version": old,
+                             "n_ads": snap.n_ads, "loaded_at": snap.loaded_at,
+                             "changed": snap.version != old})
 
     app.add_route("/rank", rank, methods=["POST"])
     app.add_route("/health", get_health, methods=["GET"])
@@ -194,7 +201,8 @@ def running_server(app, host: str = DEFAULT_HOST, port: int = 0, log_level: str 
     sock.listen(128)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="llmhyper-serve")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name="llmhyper-serve")
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:

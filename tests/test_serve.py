@@ -12,9 +12,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from llmhyper.scorer import Scorer  # noqa: E402
-from llmhyper.serve import MAX_BATCH, MAX_BODY_BYTES, create_app, host_warning, running_server  # noqa: E402
-from llmhyper.weights import WeightTable  # noqa: E402
+from llmhyper.scorer import Scorer
+from llmhyper.serve import MAX_BATCH, MAX_BODY_BYTES, create_app, host_warning, running_server
+from llmhyper.weights import WeightTable
 
 D, N_ADS = 8, 30
 NAMES = [f"f{j}" for j in range(D)]
@@ -73,8 +73,8 @@ def test_default_k_and_batch(served, client):
     X = np.random.default_rng(2).normal(size=(5, D))
     r = client.post(f"{url}/rank", json={"features": X[0].tolist()})
     assert len(r.json()["ads"]) == 10
-    r = client.post(f"{url}/rank", json={"users": [X[0].tolist(), *[dict(zip(NAMES, x.tolist())) for x in X[1:]]],
-                                         "k": 3})
+    users = [X[0].tolist(), *[dict(zip(NAMES, x.tolist(), strict=True)) for x in X[1:]]]
+    r = client.post(f"{url}/rank", json={"users": users, "k": 3})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert len(results) == 5
@@ -83,7 +83,7 @@ def test_default_k_and_batch(served, client):
 
 
 def test_health(served, client):
-    url, gen, scorer, _ = served
+    url, _, scorer, _ = served
     h = client.get(f"{url}/health").json()
     assert h["ok"] is True and h["n_ads"] == N_ADS and h["features"] == NAMES
     assert h["version"] == scorer.snapshot.version and h["loaded_at"]
@@ -166,13 +166,14 @@ def test_flags_and_handover_visible(tmp_path, client):
         ids = [a["ad_id"] for a in ads]
         assert "ad3" not in ids and "ad5" in ids and len(ids) == N_ADS - 1
         x[1] = 1.0  # strong f1 too: ad5 dropped as well
-        ids = [a["ad_id"] for a in client.post(f"{url}/rank", json={"features": x.tolist(), "k": N_ADS}).json()["ads"]]
+        ads = client.post(f"{url}/rank", json={"features": x.tolist(), "k": N_ADS}).json()["ads"]
+        ids = [a["ad_id"] for a in ads]
         assert "ad3" not in ids and "ad5" not in ids and len(ids) == N_ADS - 2
 
 
 # -- reload -------------------------------------------------------------------------------------
 def test_reload_under_concurrent_requests(served):
-    url, gen, scorer, tmp_path = served
+    url, gen, _, tmp_path = served
     other = table(1)
     X = np.random.default_rng(3).normal(size=(6, D))
     expected = {}
@@ -234,7 +235,7 @@ def test_reload_under_concurrent_requests(served):
 
 
 def test_failed_reload_keeps_serving(served, client):
-    url, gen, scorer, tmp_path = served
+    url, _, scorer, tmp_path = served
     before = scorer.snapshot.version
     (tmp_path / "gen" / "weights.npz").write_bytes(b"garbage")
     r = client.post(f"{url}/reload")
@@ -245,7 +246,8 @@ def test_failed_reload_keeps_serving(served, client):
 
 # -- command line ---------------------------------------------------------------------------------
 def test_host_warning():
-    assert host_warning("127.0.0.1") is None and host_warning("localhost") is None and host_warning("::1") is None
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert host_warning(host) is None
     assert "not loopback" in host_warning("0.0.0.0")
     assert "not loopback" in host_warning("example.org")
 
@@ -254,5 +256,5 @@ def test_cli_registers_serve():
     from llmhyper.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--weights", "w", "--trained", "t", "--port", "9000"])
-    assert (args.weights, args.trained, args.host, args.port, args.flag_threshold) == ("w", "t", "127.0.0.1", 9000,
-                                                                                       1.0)
+    got = (args.weights, args.trained, args.host, args.port, args.flag_threshold)
+    assert got == ("w", "t", "127.0.0.1", 9000, 1.0)
