@@ -10,7 +10,7 @@ from real clicks, which gives GEPA a feedback text naming wrong signs and large 
 
 Outputs, for `--out programs/` and a recipe `optimizers/NAME.toml`:
 
-    programs/NAME.json                 the compiled program (`LLMHyper().load(...)`; `llmhyper generate --program`)
+    programs/NAME.json                 the compiled program (`LLMHyper().load(...)`, `generate --program`)
     programs/NAME.manifest.json        LMs, data, split ids, val score before/after, budget, time, tokens, git
     programs/NAME.evolution/           the evolution log in our own JSON format (see `llmhyper evolution`):
         config.json                    the resolved settings (a rerun with other settings is refused)
@@ -419,7 +419,7 @@ def _quote(text: str, n: int = QUOTE_CHARS) -> str:
 
 
 def _batch_names(features_text: str) -> list[str]:
-    return re.findall(r"^- ([A-Za-z_][\w'\-]*):", str(features_text or ""), re.M)
+    return re.findall(r"^- ([A-Za-z_][\w'\-]*):", str(features_text or ""), re.MULTILINE)
 
 
 class CTRFeedbackMetric:
@@ -461,7 +461,7 @@ class CTRFeedbackMetric:
         for f in self.names:
             if f not in raw and f not in failed:
                 failed[f] = "no weight in the answer"
-        a = Assessment(ad_id, "failed", 0.0, n_impressions=int(len(y)), n_clicks=int(y.sum()), n_features=n,
+        a = Assessment(ad_id, "failed", 0.0, n_impressions=len(y), n_clicks=int(y.sum()), n_features=n,
                        n_parsed=len(raw), failed=failed)
         if not raw:
             return a
@@ -483,7 +483,8 @@ class CTRFeedbackMetric:
             a.wrong_signs = sorted([c for c, ok in zip(checked, agree, strict=True) if not ok],
                                    key=lambda c: -abs(c[2]))
         wrong = {f for f, _, _ in a.wrong_signs}
-        errs = [(f, raw[f], float(t)) for f, t in zip(self.names, trained, strict=True) if f in raw and f not in wrong]
+        errs = [(f, raw[f], float(t)) for f, t in zip(self.names, trained, strict=True)
+                if f in raw and f not in wrong]
         a.largest_errors = sorted(errs, key=lambda c: -abs(c[1] - c[2]))[:3]
         return a
 
@@ -510,9 +511,10 @@ class CTRFeedbackMetric:
 
     # -- feedback texts --------------------------------------------------------------------------------
     def _head(self, a: Assessment) -> list[str]:
-        lines = [f"Score {a.score:.3f} = AUC {a.auc if a.auc is not None else float('nan'):.3f} of the calibrated "
-                 f"weights on this ad's {a.n_impressions} held-out impressions ({a.n_clicks} clicks); 0.5 is random "
-                 f"guessing, 1.0 a perfect ranking."]
+        auc_txt = f"{a.auc:.3f}" if a.auc is not None else "n/a"
+        lines = [(f"Score {a.score:.3f} = AUC {auc_txt} of the calibrated weights on this ad's "
+                  f"{a.n_impressions} held-out impressions ({a.n_clicks} clicks); 0.5 is random guessing, "
+                  "1.0 a perfect ranking.")]
         if a.status == "partial":
             lines[0] += (f" Only {a.n_parsed} of {a.n_features} weights could be read, so the score is scaled by "
                          f"{a.n_parsed}/{a.n_features}.")
@@ -527,16 +529,17 @@ class CTRFeedbackMetric:
         if not failed:
             return []
         reasons = sorted(set(failed.values()))
-        return [f"No usable weight for {len(failed)} feature(s) ({', '.join(list(failed)[:8])}"
-                f"{', ...' if len(failed) > 8 else ''}): {'; '.join(_quote(r, 160) for r in reasons[:2])}. "
-                "Answer with `weights` as ONE JSON object that maps every feature name of the batch, spelled "
-                "exactly, to one plain number."]
+        return [(f"No usable weight for {len(failed)} feature(s) ({', '.join(list(failed)[:8])}"
+                 f"{', ...' if len(failed) > 8 else ''}): {'; '.join(_quote(r, 160) for r in reasons[:2])}. "
+                 "Answer with `weights` as ONE JSON object that maps every feature name of the batch, spelled "
+                 "exactly, to one plain number.")]
 
     def weights_feedback(self, a: Assessment, pred, pred_trace=None) -> str:
         if a.status == "failed":
-            return " ".join([f"Score 0: no weights could be read from the answers for any of the {a.n_features} "
-                             "features, so this ad got no model at all."] + self._failure_lines(a))
-        X, y, trained_vec = self.truth(a.ad_id)
+            return " ".join([(f"Score 0: no weights could be read from the answers for any of the "
+                              f"{a.n_features} features, so this ad got no model at all.")]
+                            + self._failure_lines(a))
+        _, _, trained_vec = self.truth(a.ad_id)
         trained = dict(zip(self.names, trained_vec.tolist(), strict=True))
         names, weights, reasoning = None, None, None
         if pred_trace:  # feedback for the one call GEPA shows the reflection LM
@@ -597,8 +600,9 @@ class CTRFeedbackMetric:
                 if f not in first or f not in trained:
                     continue
                 right = abs(trained[f]) < SIGN_TOL or np.sign(first[f]) == np.sign(trained[f])
-                parts.append(f"{f} ({_fmt(first[f])}, trained {_fmt(trained[f])}: "
-                             f"{'its sign was right, a false alarm that cost a regeneration' if right else 'wrong sign, a good catch'})")
+                verdict = ("its sign was right, a false alarm that cost a regeneration" if right
+                           else "wrong sign, a good catch")
+                parts.append(f"{f} ({_fmt(first[f])}, trained {_fmt(trained[f])}: {verdict})")
             lines.append("You flagged as inconsistent: " + "; ".join(parts) + ".")
         else:
             lines.append("You flagged no feature as inconsistent.")
@@ -739,7 +743,8 @@ class EvolutionRecorder:
             "train_ads": self.train_ids, "best": best, "candidates": cands})
         per_ad = {}
         for ad in self.val_ids:
-            scored = [(c["val_scores"].get(ad), c["id"]) for c in cands if c.get("val_scores", {}).get(ad) is not None]
+            scored = [(c["val_scores"].get(ad), c["id"]) for c in cands
+                      if c.get("val_scores", {}).get(ad) is not None]
             if scored:
                 top = max(s for s, _ in scored)
                 per_ad[ad] = {"best_score": top, "candidates": sorted(i for s, i in scored if s == top)}
@@ -822,7 +827,8 @@ class EvolutionRecorder:
                 self.iteration[f"{who}_assessments"] = [
                     self.metric.last[a].summary() if a in self.metric.last else None
                     for a in self.iteration.get("minibatch", [])]
-        self.event("evaluation_end", iteration=ev.get("iteration"), candidate=ev.get("candidate_idx"), scores=scores)
+        self.event("evaluation_end", iteration=ev.get("iteration"), candidate=ev.get("candidate_idx"),
+                   scores=scores)
 
     def on_evaluation_skipped(self, ev) -> None:
         if self.iteration is not None:
@@ -913,8 +919,8 @@ class EvolutionRecorder:
                "iteration": old.get("iteration", 0 if idx == 0 else ev.get("iteration")),
                "discovered_at_metric_calls": old.get("discovered_at_metric_calls",
                                                      0 if idx == 0 else max(0, self.metric_calls - evaluated)),
-               "changed": _changed(ev.get("candidate") or {}, self.candidates.get(parents[0], {}).get("instructions")
-                                   if parents else None)}
+               "changed": _changed(ev.get("candidate") or {},
+                                   self.candidates.get(parents[0], {}).get("instructions") if parents else None)}
         if self.iteration is not None and idx != 0:
             self.iteration["new_candidate"] = idx
             self.iteration["val_score"] = rec["val_score"]
@@ -973,7 +979,8 @@ class EvolutionRecorder:
                 "id": idx, "parents": parents, "instructions": dict(cand),
                 "val_scores": self._val_scores(scores),
                 "val_score": _r(float(np.mean(vals))) if vals else None,
-                "origin": old.get("origin") or ("seed" if idx == 0 else ("merge" if len(parents) > 1 else "reflection")),
+                "origin": old.get("origin") or ("seed" if idx == 0 else
+                                                ("merge" if len(parents) > 1 else "reflection")),
                 "iteration": old.get("iteration", 0 if idx == 0 else None),
                 "discovered_at_metric_calls": int(state.num_metric_calls_by_discovery[idx]),
                 "changed": _changed(cand, state.program_candidates[parents[0]] if parents else None)}
@@ -1124,7 +1131,8 @@ def estimate(recipe: Recipe, n_features: int, seconds_per_call: tuple[float, flo
     iters = max(1, math.ceil((g.max_metric_calls - recipe.n_val) / (per_iter + 0.5 * recipe.n_val)))
     calls = math.ceil(n_features / p.batch_size) * p.samples + int(p.judge)
     lo = g.max_metric_calls * calls * seconds_per_call[0] + iters * seconds_per_reflection[0]
-    hi = (g.max_metric_calls + overshoot) * calls * seconds_per_call[1] + (iters + 1) * seconds_per_reflection[1]
+    hi = ((g.max_metric_calls + overshoot) * calls * seconds_per_call[1]
+          + (iters + 1) * seconds_per_reflection[1])
     return {"metric_calls": g.max_metric_calls, "max_overshoot": overshoot, "iterations_about": iters,
             "task_lm_calls_per_metric_call": calls, "hours_on_2_cpu_cores_embedded": [round(lo / 3600, 1),
                                                                                     round(hi / 3600, 1)]}
@@ -1194,7 +1202,8 @@ def compile_recipe(recipe_path: str | Path, out_dir: str | Path = "programs", *,
         g = recipe.gepa
         gepa = dspy.GEPA(
             metric=metric, max_metric_calls=g.max_metric_calls, reflection_lm=reflection_lm.lm,
-            reflection_minibatch_size=g.reflection_minibatch_size, candidate_selection_strategy=g.candidate_selection,
+            reflection_minibatch_size=g.reflection_minibatch_size,
+            candidate_selection_strategy=g.candidate_selection,
             component_selector=OnlySelected(g.predictors, g.component_selector), use_merge=g.use_merge,
             max_merge_invocations=g.max_merge_invocations, num_threads=g.num_threads, failure_score=0.0,
             perfect_score=1.0, log_dir=str(log_dir), track_stats=True, seed=g.seed,
@@ -1208,6 +1217,7 @@ def compile_recipe(recipe_path: str | Path, out_dir: str | Path = "programs", *,
         raise
     finally:
         dspy.cache = old_cache
+        reflection_lm.lm.kwargs.pop("rollout_id", None)  # set per iteration by the recorder
         if own:
             task_lm.close()
             if reflection_lm is not task_lm:
@@ -1240,7 +1250,8 @@ def compile_recipe(recipe_path: str | Path, out_dir: str | Path = "programs", *,
         "lms": {"task": jsonable(task_lm.description), "reflection": jsonable(reflection_lm.description)},
         "data": {"name": data.name, **{k: v for k, v in data.card.items() if not str(k).startswith("feature_")}},
         "encoder": prep.encoder_name, "k": prep.k,
-        "split": {"train_ads": split.train, "val_ads": split.val, "eligible_ads": split.eligible, "rule": split.rule},
+        "split": {"train_ads": split.train, "val_ads": split.val, "eligible_ads": split.eligible,
+                  "rule": split.rule},
         "metric": "AUC of the calibrated weights on each val ad's test-user impressions, times the share of "
                   "features answered (0 when nothing parsed); mean over val ads",
         "val_score_before": _r(dr.val_aggregate_scores[0]), "val_score_after": _r(dr.val_aggregate_scores[best]),
@@ -1249,7 +1260,7 @@ def compile_recipe(recipe_path: str | Path, out_dir: str | Path = "programs", *,
         "budget": {"max_metric_calls": recipe.gepa.max_metric_calls, "metric_calls_used": dr.total_metric_calls,
                    "full_val_evaluations": dr.num_full_val_evals},
         "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
-        "tokens": _sum_tokens(runs), "runs": runs,
+        "tokens": _sum_tokens(runs), "runs": runs, "interrupted_runs": _interrupted_runs(evo / "events.jsonl"),
         "generate_flags": f"--batch-size {cfg.batch_size} --samples {cfg.samples}"
                           + ("" if cfg.judge else " --no-judge") + (" --hide-titles" if cfg.hide_titles else ""),
         "evolution": str(evo), "gepa_log_dir": str(log_dir),
@@ -1273,6 +1284,21 @@ def _sum_tokens(runs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
                 out.setdefault(who, {}).setdefault(k, 0)
                 out[who][k] += int(v or 0)
     return out
+
+
+def _interrupted_runs(events: Path) -> list[dict[str, Any]]:
+    """Runs that did not finish (killed, crashed), from events.jsonl: their time is not in `wall_seconds`."""
+    runs: dict[int, dict[str, Any]] = {}
+    for e in _jsonl_safe(events):
+        if e.get("event") == "run_start":
+            runs[e["run"]] = {"run": e["run"], "started": e["time"], "status": "killed (no run_end)"}
+        elif e.get("event") == "run_end" and e.get("run") in runs:
+            if e.get("status") == "complete":
+                runs.pop(e["run"])
+            else:
+                runs[e["run"]].update(status=e.get("status"), ended=e["time"], wall_seconds=e.get("wall_seconds"),
+                                      error=e.get("error"))
+    return [runs[k] for k in sorted(runs)]
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -98,7 +98,7 @@ def load_evolution(path: str | Path) -> Evolution:
     iterations: dict[int, dict[str, Any]] = {}
     for rec in _jsonl(folder / "iterations.jsonl"):  # a replayed iteration (after a kill) keeps its last record
         iterations[int(rec.get("iteration", -1))] = rec
-    name = folder.name[: -len(".evolution")] if folder.name.endswith(".evolution") else folder.name
+    name = folder.name.removesuffix(".evolution")
     manifest_path = folder.parent / f"{name}.manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
     cands = sorted(cj.get("candidates", []), key=lambda c: c["id"])
@@ -134,8 +134,8 @@ def instruction_diff(evo: Evolution, idx: int, parent: int | None = None) -> str
         for pred in sorted(set(cand["instructions"]) | set(par["instructions"])):
             a = _lines(par["instructions"].get(pred))
             b = _lines(cand["instructions"].get(pred))
-            d = list(difflib.unified_diff(a, b, fromfile=f"candidate {p} / {pred}", tofile=f"candidate {idx} / {pred}",
-                                          n=2))
+            d = list(difflib.unified_diff(a, b, fromfile=f"candidate {p} / {pred}",
+                                          tofile=f"candidate {idx} / {pred}", n=2))
             if d:
                 out.append("".join(x if x.endswith("\n") else x + "\n" for x in d))
     return "".join(out) or f"candidate {idx} has the same instructions as its parent(s) {parents}\n"
@@ -207,7 +207,7 @@ def iteration_lines(evo: Evolution) -> list[str]:
         outcome = it.get("outcome", "?")
         if it.get("new_candidate") is not None and outcome in ("accepted", "merged"):
             outcome += f" -> #{it['new_candidate']} (val {_score(it.get('val_score'))})"
-        out.append(f"  {it.get('iteration', '?'):3}  {str(it.get('parent', '-')):>6}  "
+        out.append(f"  {it.get('iteration', '?'):3}  {it.get('parent', '-')!s:>6}  "
                    f"{','.join(it.get('minibatch') or []):<22.22} {before or '-':>8} -> {after or '-':<8}  {outcome}")
     return out
 
@@ -247,8 +247,10 @@ def render_text(evo: Evolution, candidate: int | None = None, all_diffs: bool = 
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#1d2330;padding:0 16px}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde2ea;padding-bottom:4px}
-.meta{color:#5a6475}.meta b{color:#1d2330}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde2ea;padding-bottom:4px}
+.meta{color:#5a6475}
+.meta b{color:#1d2330}
 ul.tree,ul.tree ul{list-style:none;margin:0;padding-left:22px;position:relative}
 ul.tree{padding-left:0}
 ul.tree ul li{position:relative}
@@ -260,17 +262,25 @@ ul.tree ul li::before{content:"";position:absolute;left:-14px;top:0;height:14px;
 .node .score{font-variant-numeric:tabular-nums;margin-left:6px}
 .node .how{color:#5a6475;margin-left:6px;font-weight:normal}
 svg{background:#fff;border:1px solid #dde2ea;border-radius:6px}
-svg .axis{stroke:#9aa6b8}svg .grid{stroke:#eef1f5}svg text{font-size:11px;fill:#5a6475}
+svg .axis{stroke:#9aa6b8}
+svg .grid{stroke:#eef1f5}
+svg text{font-size:11px;fill:#5a6475}
 svg .best-line{fill:none;stroke:#1f8a4c;stroke-width:2}
 svg .candidate{fill:#3a6fd8;stroke:#fff;stroke-width:1.5;cursor:pointer}
 svg .candidate.best{fill:#1f8a4c}
-table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #eef1f5;padding:4px 6px;text-align:left;vertical-align:top}
-th{background:#f7f9fc}td.num{font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;width:100%}
+td,th{border-bottom:1px solid #eef1f5;padding:4px 6px;text-align:left;vertical-align:top}
+th{background:#f7f9fc}
+td.num{font-variant-numeric:tabular-nums}
 details{margin:6px 0;border:1px solid #dde2ea;border-radius:6px;padding:4px 10px}
-details[open]{background:#fcfdfe}summary{cursor:pointer;font-weight:600}
+details[open]{background:#fcfdfe}
+summary{cursor:pointer;font-weight:600}
 pre.diff{white-space:pre-wrap;font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;margin:6px 0}
-pre.diff .add{background:#e6ffec;color:#116329;display:block}pre.diff .del{background:#ffebe9;color:#82071e;display:block}
-pre.diff .hunk{color:#8250df;display:block}pre.diff .file{color:#5a6475;display:block}
+pre.diff span{display:block}
+pre.diff .add{background:#e6ffec;color:#116329}
+pre.diff .del{background:#ffebe9;color:#82071e}
+pre.diff .hunk{color:#8250df}
+pre.diff .file{color:#5a6475}
 .fb{white-space:pre-wrap;font-size:12px;color:#333;background:#f7f9fc;border-radius:4px;padding:4px 6px;margin:4px 0}
 """
 
@@ -279,13 +289,15 @@ JS = """
   function show(id){
     document.querySelectorAll('.node.selected').forEach(function(n){n.classList.remove('selected');});
     var node=document.getElementById('cand-'+id); if(node){node.classList.add('selected');}
-    var d=document.getElementById('diff-'+id); if(d){d.open=true; d.scrollIntoView({behavior:'smooth',block:'center'});}
+    var d=document.getElementById('diff-'+id);
+    if(d){d.open=true; d.scrollIntoView({behavior:'smooth',block:'center'});}
   }
   document.querySelectorAll('[data-candidate]').forEach(function(el){
     el.addEventListener('click',function(){show(el.getAttribute('data-candidate'));});
   });
   // marks the page as rendered (the headless-browser test looks for it)
-  document.documentElement.setAttribute('data-rendered-nodes',String(document.querySelectorAll('#lineage .node').length));
+  var n=document.querySelectorAll('#lineage .node').length;
+  document.documentElement.setAttribute('data-rendered-nodes',String(n));
 })();
 """
 
@@ -331,8 +343,8 @@ def _svg_plot(evo: Evolution, w: int = 720, h: int = 300) -> str:
     def Y(v: float) -> float:
         return h - pad_b - (h - pad_t - pad_b) * (v - ylo) / (yhi - ylo)
 
-    parts = [f'<svg id="score-plot" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-             f'aria-label="validation score of each candidate and the best so far, by metric calls spent">']
+    parts = [(f'<svg id="score-plot" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+              'aria-label="validation score of each candidate and the best so far, by metric calls spent">')]
     for k in range(6):
         v = ylo + (yhi - ylo) * k / 5
         parts.append(f'<line class="grid" x1="{pad_l}" x2="{w - pad_r}" y1="{Y(v):.1f}" y2="{Y(v):.1f}"/>'
@@ -357,9 +369,9 @@ def _svg_plot(evo: Evolution, w: int = 720, h: int = 300) -> str:
         parts.append(f'<polyline class="best-line" points="{" ".join(path)}"/>')
     for c in cands:
         cls = "candidate best" if c["id"] == evo.best else "candidate"
-        parts.append(f'<circle class="{cls}" data-candidate="{c["id"]}" cx="{X(c.get("discovered_at_metric_calls") or 0):.1f}" '
-                     f'cy="{Y(c["val_score"]):.1f}" r="5"><title>candidate {c["id"]}: val {c["val_score"]:.3f}'
-                     f'</title></circle>')
+        cx = X(c.get("discovered_at_metric_calls") or 0)
+        parts.append(f'<circle class="{cls}" data-candidate="{c["id"]}" cx="{cx:.1f}" cy="{Y(c["val_score"]):.1f}" '
+                     f'r="5"><title>candidate {c["id"]}: val {c["val_score"]:.3f}</title></circle>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -369,8 +381,8 @@ def _diff_html(text: str) -> str:
     for line in text.splitlines():
         cls = ("file" if line.startswith(("---", "+++")) else "hunk" if line.startswith("@@") else
                "add" if line.startswith("+") else "del" if line.startswith("-") else "")
-        out.append(f'<span class="{cls}">{_esc(line)}</span>' if cls else _esc(line))
-    return '<pre class="diff">' + "\n".join(out) + "</pre>"
+        out.append(f'<span class="{cls or "ctx"}">{_esc(line) or " "}</span>')
+    return '<pre class="diff">' + "".join(out) + "</pre>"  # one block span per line, no newline text between
 
 
 def render_html(evo: Evolution) -> str:
@@ -378,7 +390,8 @@ def render_html(evo: Evolution) -> str:
     b = m.get("budget", {})
     meta = []
     if m:
-        meta.append(f"val score <b>{_esc(m.get('val_score_before'))}</b> &rarr; <b>{_esc(m.get('val_score_after'))}</b>")
+        meta.append(f"val score <b>{_esc(m.get('val_score_before'))}</b> &rarr; "
+                    f"<b>{_esc(m.get('val_score_after'))}</b>")
         meta.append(f"{_esc(b.get('metric_calls_used'))} of {_esc(b.get('max_metric_calls'))} metric calls")
         meta.append(f"wall {_esc(m.get('wall_seconds'))} s")
         meta.append(f"task LM {_esc(m.get('lms', {}).get('task', {}).get('model'))}, reflection LM "

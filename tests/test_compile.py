@@ -11,8 +11,14 @@ import dspy
 import numpy as np
 import pytest
 
-from llmhyper.compile import (CTRFeedbackMetric, eligible_ads, load_recipe, make_examples, register_ads,
-                              select_split)
+from llmhyper.compile import (
+    CTRFeedbackMetric,
+    eligible_ads,
+    load_recipe,
+    make_examples,
+    register_ads,
+    select_split,
+)
 from llmhyper.errors import DataError
 from llmhyper.prepare import prepare
 from llmhyper.synthetic import generate_synthetic
@@ -409,6 +415,7 @@ def test_kill_and_resume_continue_without_redoing_work(recipe_file, tmp_path):
     assert [s["resumed"] for s in starts] == [False, True] and [s["run"] for s in starts] == [1, 2]
     m = json.loads(res.manifest_path.read_text())
     assert [r["run"] for r in m["runs"]] == [2] and m["runs"][0]["resumed"]
+    assert [(r["run"], r["status"]) for r in m["interrupted_runs"]] == [(1, "interrupted")]
 
     again = CompileEngine()  # a finished compile, rerun: nothing left to pay for
     compile_with(recipe, tmp_path / "B", again)
@@ -445,3 +452,37 @@ def test_cli_compile_dry_run_and_errors(recipe_file, tmp_path, monkeypatch, caps
     assert main(["compile", str(bad), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "gepa.max_metric_calls" in err
+
+
+def test_build_lms_shares_one_embedded_server_and_reads_keys_from_env(recipe_file, monkeypatch):
+    import llmhyper.lm
+    from llmhyper.compile import build_lms
+
+    built = []
+
+    class FakeServer:
+        base_url, api_key = "http://127.0.0.1:9/v1", "secret"
+
+    def fake_build_lm(spec, **kw):
+        built.append((spec, kw))
+        return llmhyper.lm.LMHandle(lm=dspy.LM("hosted_vllm/m", api_base=FakeServer.base_url, api_key="k"),
+                                    description={"spec": spec, "model": "m"}, server=FakeServer())
+
+    monkeypatch.setattr(llmhyper.lm, "build_lm", fake_build_lm)
+    recipe = load_recipe(REPO / "optimizers" / "ml100k_small.toml")
+    task, refl = build_lms(recipe)
+    assert len(built) == 1 and built[0][1]["n_ctx"] == 8192  # one server, big enough for the reflection prompt
+    assert refl.lm.kwargs["temperature"] == 1.0 and refl.lm.kwargs["max_tokens"] == 1024
+    assert refl.description["shares_server_with"] == "task_lm"
+
+    monkeypatch.undo()
+    monkeypatch.setenv("MY_KEY", "sk-test")
+    text = RECIPE.replace('spec = "local/compile-reflect"', 'spec = "openai/gpt-4o"\napi_key_env = "MY_KEY"')
+    task, refl = build_lms(load_recipe(recipe_file(text)))
+    assert task.lm.model == "local/compile-task" and refl.lm.model == "openai/gpt-4o"
+    assert refl.description["model"] == "gpt-4o" and refl.lm.kwargs["temperature"] == 1.0
+    monkeypatch.delenv("MY_KEY")
+    from llmhyper.errors import LLMHyperError
+
+    with pytest.raises(LLMHyperError, match="MY_KEY"):
+        build_lms(load_recipe(recipe_file(text)))

@@ -8,12 +8,18 @@ import shutil
 import subprocess
 import textwrap
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 
 from llmhyper.errors import DataError, LLMHyperError
-from llmhyper.evolution import best_so_far, instruction_diff, lineage_lines, load_evolution, render_html, render_text
+from llmhyper.evolution import (
+    best_so_far,
+    instruction_diff,
+    lineage_lines,
+    load_evolution,
+    render_html,
+    render_text,
+)
 from tests.fakes import HashEncoder
 from tests.scripted_reflection import RULE, CompileEngine, scripted_pair
 from tests.test_compile import RECIPE
@@ -232,7 +238,7 @@ def test_html_renders_in_headless_chromium(branched, tmp_path):
     page = tmp_path / "evo.html"
     page.write_text(render_html(load_evolution(branched)))
     proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                           page.as_uri()], capture_output=True, text=True, timeout=120)
+                           page.as_uri()], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
     for idx in range(5):
