@@ -70,6 +70,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise LLMHyperError("the weight artifacts cover none of the cold ads of this data set")
     result = evaluate(prep, methods, ad_ids=ad_ids, n_boot=args.bootstrap, seed=args.seed,
                       challengers=list(artifacts))
+    if args.save:  # every linear method's weights (and the retired pool) as npz + JSON artifacts
+        from llmhyper.weights import WeightTable
+
+        for name, m in {"retired": prep.retired, **methods}.items():
+            if isinstance(m, WeightTable) and name not in artifacts:
+                m.save(Path(args.save) / name)
     result["wall_seconds"] = round(time.time() - t0, 1)
     print(markdown_table(result))
     print(f"\n(wall time {result['wall_seconds']} s)")
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="append", help="a weight artifact folder (repeatable)")
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--save", help="also save every baseline's weights (and the retired pool) under this folder")
     p.set_defaults(func=cmd_evaluate)
 
     try:
@@ -121,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_serve_parser(sub)
+
+    try:
+        from llmhyper.trust.cli import add_trust_parser
+    except ImportError:  # trust studies not available in this build
+        pass
+    else:
+        add_trust_parser(sub, add_data_args)
+
+    try:
+        from llmhyper.report import add_report_parser
+    except ImportError:  # report not available in this build
+        pass
+    else:
+        add_report_parser(sub, add_data_args)
     return parser
 
 

@@ -108,7 +108,12 @@ def test_cli_evaluate_writes_json(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("LLMHYPER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(enc, "get_encoder", lambda spec="x", **kw: HashEncoder())
     out = tmp_path / "res.json"
-    assert main(["evaluate", "--dataset", "synthetic", "--bootstrap", "50", "--json", str(out)]) == 0
+    assert main(["evaluate", "--dataset", "synthetic", "--bootstrap", "50", "--json", str(out),
+                 "--save", str(tmp_path / "w")]) == 0
+    from llmhyper.weights import WeightTable
+
+    assert WeightTable.load(tmp_path / "w" / "retired").method == "retired"
+    assert len(WeightTable.load(tmp_path / "w" / "knn_cal").ad_ids) == 12
     res = json.loads(out.read_text())
     assert {"lr_warm", "lr_cold", "knn", "knn_cal", "embsim"} <= set(res["methods"])
     assert "| lr_cold |" in capsys.readouterr().out

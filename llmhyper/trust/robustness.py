@@ -1,0 +1,398 @@
+"""Counterfactual robustness (paper appendix E, eq. 6-7, figure 7): rewrite an ad so that it appeals more,
+less or neutrally to the users high on a target feature, generate its weights again with the same program and
+the same neighbours, and check that the target feature's weight moved the right way:
+
+    enhanced     w' > w          (the target weight goes up)
+    diminished   w' < w          (it goes down)
+    neutralised  |w'| < |w|      (it moves toward 0; a w already within `eps` of 0 must stay there)
+
+Direction accuracy per type is the share of items that moved the right way. w is the target's raw weight the
+program writes for the ORIGINAL ad and w' the one for the rewrite, both produced in this study with the same
+program, LM, neighbours and feature batch, so nothing but the ad text differs. The image caption is kept
+(only the title and description are rewritten).
+
+Run directory (resumable: finished items are skipped, rewrites are reused):
+
+    OUT/config.json                          settings (a rerun with other settings is refused)
+    OUT/rewrites/<ad>__<feature>__<type>.json  the rewrite (original and new title/description)
+    OUT/items/<ad>__<feature>__<type>.json     weights before/after (type "original" holds w), verdict
+    OUT/calls.jsonl                          every LLM call
+    OUT/robustness.json, OUT/robustness.md   direction accuracy per type
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from llmhyper.trust.explain import _safe, _short, md_table, mean_ci, target_features
+
+TYPES = ("enhanced", "diminished", "neutralised")
+CHANGES = {
+    "enhanced": "enhanced: make the ad appeal MORE to users who score high on the target feature",
+    "diminished": "diminished: make the ad appeal LESS to users who score high on the target feature",
+    "neutralised": "neutralised: make the ad neither attract nor repel users who score high on the target "
+    "feature (remove every cue aimed at them or against them)",
+}
+EPS = 1e-9
+
+
+# -- direction accuracy -----------------------------------------------------------------------------
+
+
+def direction_correct(kind: str, before: float, after: float, eps: float = EPS) -> bool:
+    """Eq. 6-7: did the target weight move the way the rewrite asked?"""
+    if kind == "enhanced":
+        return after > before + eps
+    if kind == "diminished":
+        return after < before - eps
+    if kind == "neutralised":
+        if abs(before) <= eps:
+            return abs(after) <= eps
+        return abs(after) < abs(before) - eps
+    raise ValueError(f"unknown counterfactual type {kind!r} (use {', '.join(TYPES)})")
+
+
+def direction_accuracy(
+    items: list[dict[str, Any]], eps: float = EPS, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Per type (and overall): items, correct, accuracy with a bootstrap interval over items, mean change of
+    the target weight. `items`: dicts with `type`, `before`, `after` (items lacking either are counted as
+    failed, not scored)."""
+    out: dict[str, Any] = {}
+    for kind in list(TYPES) + ["overall"]:
+        sel = [it for it in items if kind == "overall" or it["type"] == kind]
+        scored = [it for it in sel if it.get("before") is not None and it.get("after") is not None]
+        ok = [
+            float(direction_correct(it["type"], float(it["before"]), float(it["after"]), eps))
+            for it in scored
+        ]
+        ci = mean_ci(ok, n_boot, seed)
+        out[kind] = {
+            "n": len(scored),
+            "failed": len(sel) - len(scored),
+            "correct": int(sum(ok)),
+            "accuracy": ci["value"],
+            "lo": ci["lo"],
+            "hi": ci["hi"],
+            "mean_change": (
+                sum(float(it["after"]) - float(it["before"]) for it in scored) / len(scored)
+                if scored
+                else None
+            ),
+            "mean_abs_before": (
+                sum(abs(float(it["before"])) for it in scored) / len(scored) if scored else None
+            ),
+            "mean_abs_after": (
+                sum(abs(float(it["after"])) for it in scored) / len(scored) if scored else None
+            ),
+        }
+    return out
+
+
+# -- the rewrite ------------------------------------------------------------------------------------
+
+
+class Rewriter:
+    """One LLM call: the ad rewritten for a target feature and a change type."""
+
+    def __init__(self):
+        import dspy
+
+        from llmhyper.trust.signatures import RewriteAd
+
+        self.predict = dspy.Predict(RewriteAd)
+
+    def __call__(self, ad: dict[str, Any], feature: dict[str, str], kind: str) -> dict[str, Any]:
+        import dspy
+
+        ad_txt = f"Title: {ad['title']}\nDescription: {ad.get('text') or ''}"
+        try:
+            with dspy.context(
+                adapter=dspy.settings.adapter or dspy.ChatAdapter(use_json_adapter_fallback=False)
+            ):
+                pred = self.predict(
+                    ad=ad_txt, target=f"{feature['name']}: {feature['description']}", change=CHANGES[kind]
+                )
+        except dspy.utils.exceptions.AdapterParseError as exc:
+            return {"ok": False, "reason": f"AdapterParseError: {_short(exc)}"}
+        title, text = str(pred.rewritten_title or "").strip(), str(pred.rewritten_text or "").strip()
+        if not text and not title:
+            return {"ok": False, "reason": "empty rewrite"}
+        return {"ok": True, "title": title or ad["title"], "text": text or (ad.get("text") or "")}
+
+
+def choose_targets(data, ad_id: str, per_ad: int = 1) -> list[str]:
+    """The ad's first `per_ad` ground-truth features (MovieLens: share_<first genre>, then like_<first
+    genre>, ...; synthetic: interest_<main topic>, ...)."""
+    return target_features(data.ad_by_id[ad_id], data.feature_names)[:per_ad]
+
+
+def features_for(program, features: list[dict[str, str]], target: str, scope: str) -> list[dict[str, str]]:
+    """ "all": every feature (the full program per item); "batch": only the program's batch that holds the
+    target (the same batch, in the same order, as in a full run: the prompt differs only in the ad)."""
+    if scope == "all":
+        return features
+    if scope != "batch":
+        raise ValueError(f"scope must be 'batch' or 'all', not {scope!r}")
+    return next(b for b in program.batches(features) if any(f["name"] == target for f in b))
+
+
+# -- the study --------------------------------------------------------------------------------------
+
+
+def robustness_study(
+    prep,
+    encoder,
+    program,
+    lm_handle,
+    rewrite_handle,
+    ad_ids: list[str],
+    out: str | Path,
+    config: dict[str, Any],
+    *,
+    targets_per_ad: int = 1,
+    types: tuple[str, ...] = TYPES,
+    scope: str = "batch",
+    eps: float = EPS,
+    force: bool = False,
+    n_boot: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) the counterfactual study on `ad_ids`; returns the summary (also written to OUT)."""
+    import dspy
+    from tqdm import tqdm
+
+    from llmhyper.generate import ad_view, captions_for, check_resume, demonstrations
+    from llmhyper.lm import lm_calls
+    from llmhyper.manifest import now, write_json_atomic
+
+    out = Path(out)
+    bad = [t for t in types if t not in TYPES]
+    if bad:
+        raise ValueError(f"unknown counterfactual types {bad} (use {', '.join(TYPES)})")
+    check_resume(
+        out,
+        {
+            "study": "robustness",
+            **config,
+            "targets_per_ad": targets_per_ad,
+            "types": list(types),
+            "scope": scope,
+            "eps": eps,
+        },
+        force,
+    )
+    (out / "items").mkdir(parents=True, exist_ok=True)
+    (out / "rewrites").mkdir(parents=True, exist_ok=True)
+    data = prep.data
+    features = [f.model_dump() for f in data.features]
+    specs = {f["name"]: f for f in features}
+    needed = sorted(set(ad_ids) | {n.ad_id for a in ad_ids for n in prep.neighbours[a]})
+    captions = captions_for(prep, encoder, needed)
+    rewriter = Rewriter()
+    lms = [lm_handle.lm] + ([rewrite_handle.lm] if rewrite_handle.lm is not lm_handle.lm else [])
+    started = now()
+    plan = [(a, t) for a in ad_ids for t in choose_targets(data, a, targets_per_ad)]
+    skipped = [a for a in ad_ids if not choose_targets(data, a, targets_per_ad)]
+
+    def weigh(view, feats) -> dict[str, Any]:
+        with dspy.context(lm=lm_handle.lm):
+            pred = program(ad=view, examples=demonstrations(prep, view["id"], captions), features=feats)
+        return {
+            "raw_weights": dict(pred.weights),
+            "failed_features": dict(pred.failed_features),
+            "reasoning": list(pred.reasoning),
+            "judge": pred.judge,
+            "calls": pred.calls,
+            "parse_failures": pred.parse_failures,
+        }
+
+    bar = tqdm(plan, desc="robustness", unit="ad-feature", disable=not progress)
+    for ad_id, target in bar:
+        base = ad_view(prep, ad_id, captions)
+        feats = features_for(program, features, target, scope)
+        stem = f"{_safe(ad_id)}__{_safe(target)}"
+        for kind in ("original",) + tuple(types):
+            item_path = out / "items" / f"{stem}__{kind}.json"
+            if item_path.exists() and json.loads(item_path.read_text()).get("status") == "ok":
+                continue
+            marks = [len(lm.history) for lm in lms]
+            t0 = time.time()
+            item: dict[str, Any] = {
+                "ad_id": ad_id,
+                "feature": target,
+                "type": kind,
+                "scope": scope,
+                "features": [f["name"] for f in feats],
+            }
+            try:
+                view = base
+                if kind != "original":
+                    rw_path = out / "rewrites" / f"{stem}__{kind}.json"
+                    rw = json.loads(rw_path.read_text()) if rw_path.exists() else None
+                    if not rw or not rw.get("ok"):
+                        with dspy.context(lm=rewrite_handle.lm):
+                            rw = {
+                                "ad_id": ad_id,
+                                "feature": target,
+                                "type": kind,
+                                "original": {"title": base["title"], "text": base["text"]},
+                                **rewriter(base, specs[target], kind),
+                            }
+                        write_json_atomic(rw_path, rw)
+                    item["rewrite"] = {k: rw.get(k) for k in ("ok", "title", "text", "reason")}
+                    if not rw.get("ok"):
+                        raise _ItemFailed(f"rewrite failed: {rw.get('reason')}")
+                    view = {**base, "title": rw["title"], "text": rw["text"]}
+                got = weigh(view, feats)
+                item.update(got)
+                item["weight"] = got["raw_weights"].get(target)
+                item["status"] = "ok" if item["weight"] is not None else "failed"
+                if item["weight"] is None:
+                    item["reason"] = (
+                        f"no weight for {target}: {got['failed_features'].get(target, 'missing')}"
+                    )
+            except _ItemFailed as exc:
+                item.update({"status": "failed", "reason": str(exc)})
+            except Exception as exc:  # one item's trouble must not stop the study
+                item.update({"status": "failed", "reason": f"{type(exc).__name__}: {_short(exc)}"})
+            item["seconds"] = round(time.time() - t0, 2)
+            with open(out / "calls.jsonl", "a") as f:
+                for lm, m in zip(lms, marks, strict=True):
+                    for call in lm_calls(lm, since=m):
+                        f.write(
+                            json.dumps(
+                                {
+                                    "study": "robustness",
+                                    "ad_id": ad_id,
+                                    "feature": target,
+                                    "type": kind,
+                                    **call,
+                                },
+                                default=str,
+                            )
+                            + "\n"
+                        )
+            write_json_atomic(item_path, item)
+            bar.set_postfix(ad=ad_id, type=kind, status=item["status"])
+    summary = robustness_summary(out, eps=eps, n_boot=n_boot)
+    summary.update({"started": started, "config": config, "ads_without_target": skipped})
+    write_json_atomic(out / "robustness.json", summary)
+    (out / "robustness.md").write_text(robustness_markdown(summary) + "\n")
+    return summary
+
+
+class _ItemFailed(Exception):
+    pass
+
+
+def load_pairs(out: str | Path) -> list[dict[str, Any]]:
+    """(before, after) per counterfactual item of a study folder: before = the original's target weight."""
+    items = [json.loads(p.read_text()) for p in sorted((Path(out) / "items").glob("*.json"))]
+    originals = {(it["ad_id"], it["feature"]): it for it in items if it["type"] == "original"}
+    pairs = []
+    for it in items:
+        if it["type"] == "original":
+            continue
+        orig = originals.get((it["ad_id"], it["feature"]))
+        before = orig.get("weight") if orig and orig.get("status") == "ok" else None
+        after = it.get("weight") if it.get("status") == "ok" else None
+        pairs.append(
+            {
+                "ad_id": it["ad_id"],
+                "feature": it["feature"],
+                "type": it["type"],
+                "before": before,
+                "after": after,
+                "rewrite": it.get("rewrite"),
+                "correct": (
+                    direction_correct(it["type"], before, after)
+                    if before is not None and after is not None
+                    else None
+                ),
+                "reason": it.get("reason") or (orig or {}).get("reason"),
+            }
+        )
+    return pairs
+
+
+def robustness_summary(out: str | Path, eps: float = EPS, n_boot: int = 1000) -> dict[str, Any]:
+    from llmhyper.manifest import now
+
+    pairs = load_pairs(out)
+    for p in pairs:
+        if p["before"] is not None and p["after"] is not None:
+            p["correct"] = direction_correct(p["type"], p["before"], p["after"], eps)
+    return {
+        "study": "robustness",
+        "updated": now(),
+        "eps": eps,
+        "items": len(pairs),
+        "ads": len({p["ad_id"] for p in pairs}),
+        "accuracy": direction_accuracy(pairs, eps, n_boot),
+        "pairs": pairs,
+    }
+
+
+def robustness_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = [
+        "type",
+        "expected move",
+        "items",
+        "correct",
+        "direction accuracy",
+        "mean Δw",
+        "mean |w| before → after",
+        "failed",
+    ]
+    expect = {"enhanced": "w' > w", "diminished": "w' < w", "neutralised": "|w'| < |w|", "overall": ""}
+    rows = []
+    for kind, r in summary["accuracy"].items():
+        acc = "—" if r["accuracy"] is None else f"{r['accuracy']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+        move = "—" if r["mean_change"] is None else f"{r['mean_change']:+.3f}"
+        ab = (
+            "—" if r["mean_abs_before"] is None else f"{r['mean_abs_before']:.3f} → {r['mean_abs_after']:.3f}"
+        )
+        rows.append(
+            [kind, expect.get(kind, ""), str(r["n"]), str(r["correct"]), acc, move, ab, str(r["failed"])]
+        )
+    return head, rows
+
+
+def robustness_markdown(summary: dict[str, Any], examples: int = 3) -> str:
+    head, rows = robustness_rows(summary)
+    lines = [
+        md_table(head, rows),
+        "",
+        f"{summary['items']} counterfactual items on {summary['ads']} ads; w = the target feature's raw "
+        "weight for the original ad, w' = for the rewrite (same program, LM, neighbours and feature batch); "
+        "95% bootstrap intervals over items; failed = no rewrite or no weight (not scored).",
+    ]
+    shown = [p for p in summary["pairs"] if p.get("rewrite") and p["rewrite"].get("ok")][:examples]
+    if shown:
+        lines += ["", "Examples of rewrites (all are in rewrites/):", ""]
+        lines.append(
+            md_table(
+                ["ad", "feature", "type", "rewritten ad", "w → w'", "right way"],
+                [
+                    [
+                        p["ad_id"],
+                        p["feature"],
+                        p["type"],
+                        f"{p['rewrite']['title']}: {p['rewrite']['text']}",
+                        _pair(p),
+                        {True: "yes", False: "no", None: "—"}[p["correct"]],
+                    ]
+                    for p in shown
+                ],
+            )
+        )
+    return "\n".join(lines)
+
+
+def _pair(p: dict[str, Any]) -> str:
+    f = lambda x: "—" if x is None else f"{x:+.3f}"  # noqa: E731
+    return f"{f(p['before'])} → {f(p['after'])}"
