@@ -1,8 +1,9 @@
-"""`llmhyper` command line: data, evaluate, generate (sub-commands import their heavy parts lazily)."""
+"""`llmhyper` command line: data, evaluate, generate, compile, evolution, serve, trust, report."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -85,6 +86,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+SUBCOMMANDS = [  # (module, function registering the sub-command, whether it takes the data arguments)
+    ("llmhyper.generate", "add_generate_parser", True),
+    ("llmhyper.compile", "add_compile_parser", True),
+    ("llmhyper.evolution", "add_evolution_parser", False),
+    ("llmhyper.serve", "add_serve_parser", False),
+    ("llmhyper.trust.cli", "add_trust_parser", True),
+    ("llmhyper.report", "add_report_parser", True),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmhyper", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,47 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", help="also save every baseline's weights (and the retired pool) under this folder")
     p.set_defaults(func=cmd_evaluate)
 
-    try:
-        from llmhyper.generate import add_generate_parser
-    except ImportError:  # generate not available in this build
-        pass
-    else:
-        add_generate_parser(sub, add_data_args)
-
-    try:
-        from llmhyper.compile import add_compile_parser
-    except ImportError:  # compile not available in this build
-        pass
-    else:
-        add_compile_parser(sub, add_data_args)
-
-    try:
-        from llmhyper.evolution import add_evolution_parser
-    except ImportError:  # evolution not available in this build
-        pass
-    else:
-        add_evolution_parser(sub)
-
-    try:
-        from llmhyper.serve import add_serve_parser
-    except ImportError:  # serve not available in this build
-        pass
-    else:
-        add_serve_parser(sub)
-
-    try:
-        from llmhyper.trust.cli import add_trust_parser
-    except ImportError:  # trust studies not available in this build
-        pass
-    else:
-        add_trust_parser(sub, add_data_args)
-
-    try:
-        from llmhyper.report import add_report_parser
-    except ImportError:  # report not available in this build
-        pass
-    else:
-        add_report_parser(sub, add_data_args)
+    # the other commands live next to their code; each module keeps its heavy imports inside functions
+    for module, adder, wants_data_args in SUBCOMMANDS:
+        add = getattr(importlib.import_module(module), adder)
+        add(sub, add_data_args) if wants_data_args else add(sub)
     return parser
 
 
