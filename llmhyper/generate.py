@@ -30,6 +30,9 @@ from llmhyper.weights import WeightTable
 
 METHOD = "llm_hyper"
 DEFAULT_PROGRAM = Path(__file__).resolve().parent.parent / "programs" / "zero_shot.json"
+# Qwen2.5-Coder-1.5B's reasoning often repeats itself until max_tokens, leaving no weights: replaying 4 such
+# calls at temperature 0 completed 0/4 without a penalty and 4/4 with frequency_penalty 0.5 (2026-11-25)
+EMBEDDED_FREQUENCY_PENALTY = 0.5
 
 
 # -- inputs of the program --------------------------------------------------------------------
@@ -105,7 +108,14 @@ def run_config(args: argparse.Namespace, program_path: Path | None) -> dict[str,
             "program": str(program_path) if program_path else None,
             "program_sha256": file_sha256(program_path) if program_path else None,
             "batch_size": args.batch_size, "samples": args.samples, "judge": not args.no_judge,
-            "hide_titles": args.hide_titles, "temperature": args.temperature, "max_tokens": args.max_tokens}
+            "hide_titles": args.hide_titles, "temperature": args.temperature, "max_tokens": args.max_tokens,
+            "frequency_penalty": frequency_penalty(args)}
+
+
+def frequency_penalty(args: argparse.Namespace) -> float | None:
+    if args.frequency_penalty is not None:
+        return args.frequency_penalty
+    return EMBEDDED_FREQUENCY_PENALTY if args.lm == "embedded" else None
 
 
 def check_resume(out: Path, config: dict[str, Any], force: bool) -> None:
@@ -238,6 +248,9 @@ def add_generate_parser(sub, add_data_args) -> None:
                    help="CPU threads of the embedded LLM server (use 1 when other jobs share the CPU)")
     p.add_argument("--temperature", type=float, default=0.0, help="temperature of the first sample")
     p.add_argument("--max-tokens", type=int, default=320, help="per call; longer answers count as failures")
+    p.add_argument("--frequency-penalty", type=float,
+                   help="OpenAI frequency_penalty (default 0.5 for the embedded model, whose reasoning otherwise "
+                        "often loops until max_tokens; the model's own default for other LMs)")
     p.add_argument("--force", action="store_true", help="continue a run directory made with other settings")
     p.set_defaults(func=cmd_generate)
 
@@ -278,6 +291,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         program.load(str(program_path))
     lm_kw = {"api_base": args.api_base, "temperature": args.temperature, "max_tokens": args.max_tokens,
              "n_threads": args.threads}
+    if frequency_penalty(args) is not None:
+        lm_kw["frequency_penalty"] = frequency_penalty(args)
     handle = build_lm(args.lm, **lm_kw)
     judge = handle
     try:

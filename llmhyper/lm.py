@@ -451,7 +451,7 @@ def build_lm(spec: str = "embedded", *, api_base: str | None = None, api_key: st
         lm = dspy.LM(spec, temperature=temperature, max_tokens=max_tokens, cache=cache, **client, **lm_kwargs)
         description.update({"model": spec.split("/", 1)[1], "api_base": api_base})
         handle = LMHandle(lm=lm, description=description)
-    for key in ("seed", "top_p"):
+    for key in ("seed", "top_p", "frequency_penalty"):
         if key in lm_kwargs:
             description[key] = lm_kwargs[key]
     return handle
