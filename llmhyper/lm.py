@@ -423,6 +423,9 @@ def build_lm(spec: str = "embedded", *, api_base: str | None = None, api_key: st
         try:
             lm_kwargs.setdefault("timeout", 600)  # CPU generation of max_tokens can take minutes under load
             lm_kwargs.setdefault("num_retries", 1)
+            # the 1.5B model's reasoning often loops until max_tokens; a mild penalty stops that (see
+            # llmhyper.generate.EMBEDDED_FREQUENCY_PENALTY for the measurement)
+            lm_kwargs.setdefault("frequency_penalty", 0.5)
             # "hosted_vllm/" (not "openai/"): with it DSPy's native engine sends `max_tokens`, the field every
             # llama.cpp server reads as n_predict. "openai/" sends `max_completion_tokens` instead; the
             # llama.cpp inside xllamacpp 2026.10.11549 honours that too (checked: both stop at 5 tokens), but
