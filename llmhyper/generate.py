@@ -113,9 +113,10 @@ def run_config(args: argparse.Namespace, program_path: Path | None) -> dict[str,
 
 
 def frequency_penalty(args: argparse.Namespace) -> float | None:
-    if args.frequency_penalty is not None:
-        return args.frequency_penalty
-    return EMBEDDED_FREQUENCY_PENALTY if args.lm == "embedded" else None
+    explicit = getattr(args, "frequency_penalty", None)  # callers may build a Namespace without it
+    if explicit is not None:
+        return explicit
+    return EMBEDDED_FREQUENCY_PENALTY if getattr(args, "lm", "embedded") == "embedded" else None
 
 
 def check_resume(out: Path, config: dict[str, Any], force: bool) -> None:
