@@ -30,9 +30,6 @@ from llmhyper.weights import WeightTable
 
 METHOD = "llm_hyper"
 DEFAULT_PROGRAM = Path(__file__).resolve().parent.parent / "programs" / "zero_shot.json"
-# Qwen2.5-Coder-1.5B's reasoning often repeats itself until max_tokens, leaving no weights: replaying 4 such
-# calls at temperature 0 completed 0/4 without a penalty and 4/4 with frequency_penalty 0.5 (2026-11-25)
-EMBEDDED_FREQUENCY_PENALTY = 0.5
 
 
 # -- inputs of the program --------------------------------------------------------------------
@@ -113,6 +110,9 @@ def run_config(args: argparse.Namespace, program_path: Path | None) -> dict[str,
 
 
 def frequency_penalty(args: argparse.Namespace) -> float | None:
+    """The penalty a run uses (recorded in its config, so a resume with another one is refused)."""
+    from llmhyper.lm import EMBEDDED_FREQUENCY_PENALTY
+
     explicit = getattr(args, "frequency_penalty", None)  # callers may build a Namespace without it
     if explicit is not None:
         return explicit

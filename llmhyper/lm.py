@@ -396,6 +396,11 @@ class LMHandle:
         self.close()
 
 
+# Qwen2.5-Coder-1.5B's reasoning often repeats itself until max_tokens, leaving no weights: replaying 4 such
+# calls at temperature 0 completed 0/4 without a penalty and 4/4 with frequency_penalty 0.5 (2026-11-25)
+EMBEDDED_FREQUENCY_PENALTY = 0.5
+
+
 class LMSpecError(LLMHyperError, ValueError):
     """An --lm / --api-base combination that cannot work."""
 
@@ -423,9 +428,7 @@ def build_lm(spec: str = "embedded", *, api_base: str | None = None, api_key: st
         try:
             lm_kwargs.setdefault("timeout", 600)  # CPU generation of max_tokens can take minutes under load
             lm_kwargs.setdefault("num_retries", 1)
-            # the 1.5B model's reasoning often loops until max_tokens; a mild penalty stops that (see
-            # llmhyper.generate.EMBEDDED_FREQUENCY_PENALTY for the measurement)
-            lm_kwargs.setdefault("frequency_penalty", 0.5)
+            lm_kwargs.setdefault("frequency_penalty", EMBEDDED_FREQUENCY_PENALTY)
             # "hosted_vllm/" (not "openai/"): with it DSPy's native engine sends `max_tokens`, the field every
             # llama.cpp server reads as n_predict. "openai/" sends `max_completion_tokens` instead; the
             # llama.cpp inside xllamacpp 2026.10.11549 honours that too (checked: both stop at 5 tokens), but

@@ -36,3 +36,27 @@ class HashEncoder(Encoder):
 
     def caption(self, image_path, top=3):
         return "poster image tags: test pattern"
+
+
+def chromium() -> str | None:
+    """A headless-capable Chromium on PATH (CI installs Debian's `chromium`), or None."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def dump_dom(page, profile_dir) -> str:
+    """Load a local HTML file in headless Chromium and return the DOM after scripts ran."""
+    import subprocess
+
+    proc = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           f"--user-data-dir={profile_dir}", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+NO_CHROMIUM = "no headless Chromium on PATH (CI: apt-get install -y chromium); the HTML is parsed with html.parser"

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import textwrap
 from html.parser import HTMLParser
 
@@ -20,7 +18,7 @@ from llmhyper.evolution import (
     render_html,
     render_text,
 )
-from tests.fakes import HashEncoder
+from tests.fakes import NO_CHROMIUM, HashEncoder, chromium, dump_dom
 from tests.scripted_reflection import RULE, CompileEngine, scripted_pair
 from tests.test_compile import RECIPE
 
@@ -224,23 +222,11 @@ def test_html_page_tree_nesting_and_escaping(branched):
     assert "Wrong sign (your weight vs trained): age +0.30 vs -0.80." in html_text
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium on this machine (CI: apt-get install -y "
-                                                 "chromium); the HTML is still checked with html.parser above")
+@pytest.mark.skipif(chromium() is None, reason=NO_CHROMIUM)
 def test_html_renders_in_headless_chromium(branched, tmp_path):
     page = tmp_path / "evo.html"
     page.write_text(render_html(load_evolution(branched)))
-    proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                           page.as_uri()], check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    dom = proc.stdout
+    dom = dump_dom(page, tmp_path / "profile")
     for idx in range(5):
         assert f'id="cand-{idx}"' in dom
     assert 'id="score-plot"' in dom
