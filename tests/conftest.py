@@ -54,3 +54,36 @@ def _isolated(monkeypatch):
     yield
     dspy.configure(**copy.deepcopy(DEFAULT_CONFIG))
     dspy.cache = original_cache
+
+
+@pytest.fixture()
+def default_run(tmp_path, monkeypatch):
+    """A scripted run on the default synthetic world, as `llmhyper generate --dataset synthetic` makes it."""
+    from llmhyper.generate import check_resume
+    from llmhyper.prepare import prepare
+    from llmhyper.synthetic import generate_synthetic
+    from tests.fakes import HashEncoder
+    from tests.scripted_trust import TrustEngine, main_topic_policy, make_run
+
+    monkeypatch.setenv("LLMHYPER_CACHE", str(tmp_path / "cache"))
+    syn = generate_synthetic(seed=0)
+    enc = HashEncoder()
+    prep = prepare(syn.data, encoder=enc, k=3, progress=False)
+    run = tmp_path / "run"
+    check_resume(
+        run,
+        {
+            "dataset": "synthetic",
+            "seed": 0,
+            "k": 3,
+            "encoder": enc.name,
+            "lm": "scripted",
+            "batch_size": 4,
+            "samples": 1,
+            "judge": True,
+            "hide_titles": False,
+        },
+        force=False,
+    )
+    make_run(prep, enc, TrustEngine(weight_policy=main_topic_policy), run, syn.data.cold_ads)
+    return run, syn

@@ -8,7 +8,9 @@ import re
 
 from dspy.lm15 import Message, Response, TextPart, Usage
 
-from tests.scripted_lm import ScriptedEngine, UnexpectedPrompt, _text, batch_features, section
+from llmhyper.generate import generate
+from llmhyper.program import LLMHyper, ProgramConfig
+from tests.scripted_lm import Handle, ScriptedEngine, UnexpectedPrompt, _text, batch_features, scripted_lm, section
 
 TOPIC_WORDS = ("sports", "cooking", "travel", "tech", "fashion")
 
@@ -129,3 +131,40 @@ def contrarian_rewriter(ad_text: str, target: str, change: str) -> tuple[str, st
     swap = {"enhanced": "diminished", "diminished": "enhanced"}
     kind = change.split(":", 1)[0]
     return faithful_rewriter(ad_text, target, swap.get(kind, kind) + change[len(kind) :])
+
+
+# -- policies and a scripted run shared by the trust and report tests ---------------------------------
+
+
+def topic_reasoning(names, user):
+    """Reasoning that names the ad's main topic (the first topic word in its description) and age."""
+    desc = section(user, "ad").lower()
+    topic = next(t for t in ("sports", "cooking", "travel", "tech", "fashion") if t in desc)
+    return f"Fans of {topic} click more (interest_{topic}); age does not matter."
+
+
+def stance_from_reasoning(lie: bool = False):
+    def policy(reasoning, names):
+        out = {}
+        for n in names:
+            if n.startswith("interest_") and n in reasoning:
+                out[n] = "negative" if lie else "positive"
+            elif n == "age":
+                out[n] = "Neutral"  # case and synonyms are normalised
+            else:
+                out[n] = "not_mentioned"
+        return out
+
+    return policy
+
+
+def main_topic_policy(feature, user):
+    desc = section(user, "ad").lower()
+    topic = next(t for t in ("sports", "cooking", "travel", "tech", "fashion") if t in desc)
+    return 1.0 if feature == f"interest_{topic}" else 0.0
+
+
+def make_run(prep, enc, engine, out, ad_ids, **cfg):
+    program = LLMHyper(ProgramConfig(batch_size=4, **cfg))
+    h = Handle(scripted_lm(engine))
+    return generate(prep, enc, program, h, h, ad_ids, out, {"test": True}, progress=False)

@@ -7,15 +7,21 @@ from html.parser import HTMLParser
 
 import pytest
 
-from llmhyper.generate import check_resume
 from llmhyper.prepare import prepare
 from llmhyper.program import ProgramConfig
 from llmhyper.report import calibration_bins, diverging, gather, render_markdown, write_report
 from llmhyper.synthetic import generate_synthetic
 from tests.fakes import NO_CHROMIUM, HashEncoder, chromium, dump_dom
 from tests.scripted_lm import Handle, scripted_lm
-from tests.scripted_trust import TrustEngine, faithful_rewriter, reading_policy
-from tests.test_trust import main_topic_policy, make_run, stance_from_reasoning, topic_reasoning
+from tests.scripted_trust import (
+    TrustEngine,
+    faithful_rewriter,
+    main_topic_policy,
+    make_run,
+    reading_policy,
+    stance_from_reasoning,
+    topic_reasoning,
+)
 
 
 class Page(HTMLParser):
@@ -213,16 +219,10 @@ def test_pieces():
     assert bins[1]["pred"] == pytest.approx(0.75) and bins[1]["obs"] == 1.0
 
 
-def test_report_command(tmp_path, monkeypatch, capsys):
+def test_report_command(default_run, tmp_path, capsys):
     from llmhyper.cli import main
 
-    monkeypatch.setenv("LLMHYPER_CACHE", str(tmp_path / "cache"))
-    syn = generate_synthetic(seed=0)
-    enc = HashEncoder()
-    prep = prepare(syn.data, encoder=enc, k=3, progress=False)
-    run = tmp_path / "run"
-    check_resume(run, {"dataset": "synthetic", "seed": 0, "k": 3}, force=False)
-    make_run(prep, enc, TrustEngine(weight_policy=main_topic_policy), run, syn.data.cold_ads)
+    run, _ = default_run
     assert (
         main(
             [

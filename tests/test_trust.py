@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from llmhyper.generate import check_resume, generate
 from llmhyper.prepare import prepare
 from llmhyper.program import LLMHyper, ProgramConfig
 from llmhyper.synthetic import generate_synthetic
@@ -27,6 +26,10 @@ from tests.fakes import HashEncoder
 from tests.scripted_lm import Handle, scripted_lm
 from tests.scripted_trust import (
     TrustEngine,
+    main_topic_policy,
+    make_run,
+    stance_from_reasoning,
+    topic_reasoning,
     constant_policy,
     contrarian_rewriter,
     faithful_rewriter,
@@ -41,40 +44,6 @@ def world(tmp_path, monkeypatch):
     syn = generate_synthetic(n_users=300, n_warm=40, n_cold=5, seed=1, image_dir=tmp_path / "img")
     enc = HashEncoder()
     return syn, prepare(syn.data, encoder=enc, k=5, progress=False), enc
-
-
-def topic_reasoning(names, user):
-    """Reasoning that names the ad's main topic (the first topic word in its description) and age."""
-    desc = section(user, "ad").lower()
-    topic = next(t for t in ("sports", "cooking", "travel", "tech", "fashion") if t in desc)
-    return f"Fans of {topic} click more (interest_{topic}); age does not matter."
-
-
-def stance_from_reasoning(lie: bool = False):
-    def policy(reasoning, names):
-        out = {}
-        for n in names:
-            if n.startswith("interest_") and n in reasoning:
-                out[n] = "negative" if lie else "positive"
-            elif n == "age":
-                out[n] = "Neutral"  # case and synonyms are normalised
-            else:
-                out[n] = "not_mentioned"
-        return out
-
-    return policy
-
-
-def main_topic_policy(feature, user):
-    desc = section(user, "ad").lower()
-    topic = next(t for t in ("sports", "cooking", "travel", "tech", "fashion") if t in desc)
-    return 1.0 if feature == f"interest_{topic}" else 0.0
-
-
-def make_run(prep, enc, engine, out, ad_ids, **cfg):
-    program = LLMHyper(ProgramConfig(batch_size=4, **cfg))
-    h = Handle(scripted_lm(engine))
-    return generate(prep, enc, program, h, h, ad_ids, out, {"test": True}, progress=False)
 
 
 # -- explainability by hand -------------------------------------------------------------------------
@@ -217,6 +186,21 @@ def test_explain_study_with_scripted_judge_and_resume(world, tmp_path):
     )
     assert bad["consistency"]["rate"] == pytest.approx(0.5)
     assert bad["consistency"]["by_label"]["negative"] == {"n": len(cold), "match": 0, "rate": 0.0}
+
+    # consistency on the first two ads only; HitRate/Coverage still over every ad
+    few = TrustEngine(stance_policy=stance_from_reasoning())
+    part = explain_study(
+        syn.data,
+        tmp_path / "run",
+        tmp_path / "expl3",
+        lm_handle=Handle(scripted_lm(few)),
+        n_boot=50,
+        progress=False,
+        consistency_limit=2,
+    )
+    assert few.stance_calls == 2 * 2 and part["consistency"]["ads"] == 2
+    assert part["methods"]["llm_hyper"]["n_ads"] == len(cold)
+    assert "of 2 ads" in (tmp_path / "expl3" / "explain.md").read_text()
 
 
 # -- counterfactual robustness ---------------------------------------------------------------------
@@ -475,33 +459,6 @@ def test_shots0_program_passes_an_empty_example_list(world):
 
 
 # -- command line ----------------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def default_run(tmp_path, monkeypatch):
-    """A scripted run on the default synthetic world, as `llmhyper generate --dataset synthetic` makes it."""
-    monkeypatch.setenv("LLMHYPER_CACHE", str(tmp_path / "cache"))
-    syn = generate_synthetic(seed=0)
-    enc = HashEncoder()
-    prep = prepare(syn.data, encoder=enc, k=3, progress=False)
-    run = tmp_path / "run"
-    check_resume(
-        run,
-        {
-            "dataset": "synthetic",
-            "seed": 0,
-            "k": 3,
-            "encoder": enc.name,
-            "lm": "scripted",
-            "batch_size": 4,
-            "samples": 1,
-            "judge": True,
-            "hide_titles": False,
-        },
-        force=False,
-    )
-    make_run(prep, enc, TrustEngine(weight_policy=main_topic_policy), run, syn.data.cold_ads)
-    return run, syn
 
 
 def test_cli_registers_trust_and_report_and_explains_without_llm(default_run, tmp_path, capsys):

@@ -208,6 +208,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             seed=args.seed,
             force=args.force,
             config={"lm": args.judge_lm or args.lm, "api_base": args.api_base},
+            consistency_limit=args.consistency_limit,
         )
     finally:
         lms.close()
@@ -226,18 +227,26 @@ def _prepare(args, data):
     )
 
 
-def cmd_robustness(args: argparse.Namespace) -> int:
+def _study_setup(args):
+    """What robustness and ablate share: settings from the base run, the data, the ads, the program and
+    the run config recorded next to the study."""
     from llmhyper.cli import load_data
     from llmhyper.generate import run_config
-    from llmhyper.program import LLMHyper
-    from llmhyper.trust.robustness import TYPES, robustness_markdown, robustness_study
 
     resolve(args, args.base_run)
     data = load_data(args)
     ad_ids = _ad_ids(args, data)
-    types = tuple(t.strip() for t in args.types.split(",")) if args.types else TYPES
     program_path = _program_path(args)
-    config = {**run_config(args, program_path), "rewrite_lm": args.rewrite_lm or args.lm}
+    return data, ad_ids, program_path, run_config(args, program_path)
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from llmhyper.program import LLMHyper
+    from llmhyper.trust.robustness import TYPES, robustness_markdown, robustness_study
+
+    types = tuple(t.strip() for t in args.types.split(",")) if args.types else TYPES
+    data, ad_ids, program_path, config = _study_setup(args)
+    config["rewrite_lm"] = args.rewrite_lm or args.lm
     encoder, prep = _prepare(args, data)
     program = LLMHyper(_program_config(args))
     if program_path is not None:
@@ -270,20 +279,14 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from llmhyper.cli import load_data
-    from llmhyper.generate import run_config
     from llmhyper.trust.ablation import ablation_markdown, parse_variants, run_ablation
 
-    resolve(args, args.base_run)
     try:
         variants = parse_variants(args.variants)
     except ValueError as exc:
         raise LLMHyperError(str(exc)) from None
     reuse = dict(item.split("=", 1) for item in (args.reuse or []))
-    data = load_data(args)
-    ad_ids = _ad_ids(args, data)
-    program_path = _program_path(args)
-    config = run_config(args, program_path)
+    data, ad_ids, program_path, config = _study_setup(args)
     args._k_needed = max(v.shots for v in variants)
     encoder, prep = _prepare(args, data)
     lms = _LMs(args)
@@ -362,6 +365,11 @@ def add_trust_parser(sub, add_data_args) -> None:
     )
     e.add_argument("--tau", type=float, default=0.1, help="|w| below this counts as neutral")
     e.add_argument("--no-consistency", action="store_true", help="skip the LLM judge (no LLM call at all)")
+    e.add_argument(
+        "--consistency-limit",
+        type=int,
+        help="judge only the first N ads (HitRate/Coverage still cover every ad; rerun with a larger N to extend)",
+    )
     e.add_argument("--judge-lm", help="LM of the stance judge (default: --lm)")
     _lm_args(e)
     _ads_args(e)

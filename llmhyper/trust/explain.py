@@ -450,9 +450,11 @@ def explain_study(
     force: bool = False,
     progress: bool = True,
     config: dict[str, Any] | None = None,
+    consistency_limit: int | None = None,
 ) -> dict[str, Any]:
     """HitRate/Coverage for the run (raw weights) and each table, plus the Consistency Rate when an LM is
-    given; writes OUT/explain.json and OUT/explain.md and returns the summary."""
+    given (on the first `consistency_limit` ads only, when set: it costs LLM calls, the rest is free);
+    writes OUT/explain.json and OUT/explain.md and returns the summary."""
     from llmhyper.manifest import now, write_json_atomic
 
     run, out = Path(run), Path(out)
@@ -479,7 +481,7 @@ def explain_study(
             run,
             out,
             lm_handle,
-            ad_ids=sorted(llm),
+            ad_ids=sorted(llm)[:consistency_limit] if consistency_limit else sorted(llm),
             tau=tau,
             config=config,
             force=force,
