@@ -180,7 +180,10 @@ def generate(prep: Prepared, encoder, program, lm_handle, judge_handle, ad_ids: 
     todo = [a for a in ad_ids if a not in done]
     needed = sorted(set(todo) | {n.ad_id for a in todo for n in prep.neighbours[a]})
     captions = captions_for(prep, encoder, needed)
-    started = now()
+    # a resumed run keeps its first start time and lists when each later session began
+    previous = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    started = previous.get("started") or now()
+    resumed = previous.get("resumed", []) + ([now()] if previous and todo else [])
     lms = [lm_handle.lm] + ([judge_handle.lm] if judge_handle is not lm_handle else [])
     bar = tqdm(todo, desc="generate", unit="ad", disable=not progress, initial=0)
     bar.set_postfix(done=len(done), left=len(todo))
@@ -219,7 +222,7 @@ def generate(prep: Prepared, encoder, program, lm_handle, judge_handle, ad_ids: 
             "method": METHOD, "config": config, "lm": lm_handle.description,
             "judge_lm": judge_handle.description, "data": {"name": data.name, **_card(data)},
             "encoder": prep.encoder_name, "k": prep.k, "git": git_commit(), "versions": versions(),
-            "started": started, "updated": now(), "requested_ads": len(ad_ids), "totals": totals})
+            "started": started, "resumed": resumed, "updated": now(), "requested_ads": len(ad_ids), "totals": totals})
         bar.set_postfix(status=record["status"], s=record["seconds"])
     table, totals = collect(out, names)
     return totals

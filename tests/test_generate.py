@@ -85,12 +85,16 @@ def test_kill_and_resume_does_not_redo_finished_ads(world, tmp_path):
     assert done == sorted(cold[:2])
     assert not list((out / "ads").glob("*.tmp"))
     before = {a: (out / "ads" / f"{a}.json").read_text() for a in done}
+    first = json.loads((out / "manifest.json").read_text())
+    assert first["resumed"] == []
     resumed = ScriptedEngine()
     totals = run(prep, enc, resumed, out, cold, use_judge=False)
     assert resumed.weight_calls == per_ad * 3  # only the 3 unfinished ads
     assert totals["ads_done"] == 5
     assert all((out / "ads" / f"{a}.json").read_text() == before[a] for a in done)
     assert len(WeightTable.load(out / "weights").ad_ids) == 5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["started"] == first["started"] and len(manifest["resumed"]) == 1
 
 
 def test_failing_ad_is_recorded_and_run_goes_on(world, tmp_path):
