@@ -138,16 +138,14 @@ def test_explain_study_with_scripted_judge_and_resume(world, tmp_path):
     raw = weights_from_run(tmp_path / "run")
     assert sorted(raw) == sorted(cold)
 
+    def explain_with(engine, folder, **kw):
+        kw.setdefault("n_boot", 50)
+        return explain_study(
+            syn.data, tmp_path / "run", tmp_path / folder, lm_handle=Handle(scripted_lm(engine)), progress=False, **kw
+        )
+
     judge = TrustEngine(stance_policy=stance_from_reasoning())
-    summary = explain_study(
-        syn.data,
-        tmp_path / "run",
-        tmp_path / "expl",
-        tables={"lr_warm": prep.lr_warm},
-        lm_handle=Handle(scripted_lm(judge)),
-        n_boot=100,
-        progress=False,
-    )
+    summary = explain_with(judge, "expl", tables={"lr_warm": prep.lr_warm}, n_boot=100)
     assert judge.stance_calls == 2 * len(cold)  # 7 features in batches of 4: two batches per ad
     rows = summary["methods"]
     assert rows["llm_hyper"]["hit_rate"]["value"] == 1.0  # the main topic weighs 1.0, everything else 0
@@ -164,43 +162,23 @@ def test_explain_study_with_scripted_judge_and_resume(world, tmp_path):
 
     # resume: finished ads are not judged again
     again = TrustEngine(stance_policy=stance_from_reasoning())
-    explain_study(
-        syn.data,
-        tmp_path / "run",
-        tmp_path / "expl",
-        lm_handle=Handle(scripted_lm(again)),
-        n_boot=50,
-        progress=False,
-    )
+    explain_with(again, "expl")
     assert again.stance_calls == 0
 
     # a judge whose labels contradict the weights (the topic called negative): half the judged features match
-    liar = TrustEngine(stance_policy=stance_from_reasoning(lie=True))
-    bad = explain_study(
-        syn.data,
-        tmp_path / "run",
-        tmp_path / "expl2",
-        lm_handle=Handle(scripted_lm(liar)),
-        n_boot=50,
-        progress=False,
-    )
+    bad = explain_with(TrustEngine(stance_policy=stance_from_reasoning(lie=True)), "expl2")
     assert bad["consistency"]["rate"] == pytest.approx(0.5)
     assert bad["consistency"]["by_label"]["negative"] == {"n": len(cold), "match": 0, "rate": 0.0}
 
     # consistency on the first two ads only; HitRate/Coverage still over every ad
     few = TrustEngine(stance_policy=stance_from_reasoning())
-    part = explain_study(
-        syn.data,
-        tmp_path / "run",
-        tmp_path / "expl3",
-        lm_handle=Handle(scripted_lm(few)),
-        n_boot=50,
-        progress=False,
-        consistency_limit=2,
-    )
+    part = explain_with(few, "expl3", consistency_limit=2)
     assert few.stance_calls == 2 * 2 and part["consistency"]["ads"] == 2
     assert part["methods"]["llm_hyper"]["n_ads"] == len(cold)
     assert "of 2 ads" in (tmp_path / "expl3" / "explain.md").read_text()
+    # a smaller limit on the same folder judges nothing new and counts only its own ads
+    one = TrustEngine(stance_policy=stance_from_reasoning())
+    assert explain_with(one, "expl3", consistency_limit=1)["consistency"]["ads"] == 1 and one.stance_calls == 0
 
 
 # -- counterfactual robustness ---------------------------------------------------------------------

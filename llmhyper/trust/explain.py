@@ -401,13 +401,16 @@ def consistency_study(
             for call in lm_calls(lm_handle.lm, since=mark):
                 f.write(json.dumps({"study": "consistency", "ad_id": ad_id, **call}, default=str) + "\n")
         write_json_atomic(path, result)
-    return consistency_totals(out)
+    return consistency_totals(out, todo_ids)
 
 
-def consistency_totals(out: str | Path) -> dict[str, Any]:
+def consistency_totals(out: str | Path, ad_ids: list[str] | None = None) -> dict[str, Any]:
     """Pooled Consistency Rate over the per-ad records of a consistency study (features pooled; the per-ad
-    mean and its bootstrap interval too)."""
-    recs = [json.loads(p.read_text()) for p in sorted((Path(out) / "consistency").glob("*.json"))]
+    mean and its bootstrap interval too); only `ad_ids`' records when given (a rerun with a smaller
+    --consistency-limit keeps the other records on disk but does not count them)."""
+    folder = Path(out) / "consistency"
+    paths = [folder / f"{_safe(a)}.json" for a in ad_ids] if ad_ids is not None else sorted(folder.glob("*.json"))
+    recs = [json.loads(p.read_text()) for p in paths if p.exists()]
     tot = {
         k: sum(r.get(k, 0) for r in recs)
         for k in ("judged", "match", "not_mentioned", "unlabelled", "no_weight")
