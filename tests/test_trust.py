@@ -21,7 +21,7 @@ from llmhyper.trust.explain import (
     top_k,
     weights_from_run,
 )
-from llmhyper.trust.robustness import direction_accuracy, direction_correct, robustness_study
+from llmhyper.trust.robustness import direction_accuracy, direction_correct, robustness_study, text_unchanged
 from tests.fakes import HashEncoder
 from tests.scripted_lm import Handle, scripted_lm
 from tests.scripted_trust import (
@@ -194,7 +194,7 @@ def test_direction_accuracy_by_hand():
         direction_correct("sideways", 0, 1)
     items = [
         {"type": "enhanced", "before": 0.2, "after": 0.5},
-        {"type": "enhanced", "before": 0.2, "after": 0.2},
+        {"type": "enhanced", "before": 0.2, "after": 0.2, "text_unchanged": True},
         {"type": "diminished", "before": 0.3, "after": -0.1},
         {"type": "diminished", "before": -0.5, "after": -0.4},
         {"type": "neutralised", "before": 0.8, "after": 0.1},
@@ -209,6 +209,17 @@ def test_direction_accuracy_by_hand():
     assert acc["diminished"]["accuracy"] == pytest.approx(0.5)
     assert acc["neutralised"]["accuracy"] == pytest.approx(2 / 3) and acc["neutralised"]["failed"] == 1
     assert acc["overall"]["n"] == 7 and acc["overall"]["correct"] == 4 and acc["overall"]["failed"] == 1
+    # the two ways a move fails: the weight stays put (2 items), the rewriter changed nothing (1 item)
+    assert acc["overall"]["weight_unchanged"] == 2 and acc["enhanced"]["weight_unchanged"] == 1
+    assert acc["overall"]["text_unchanged"] == 1 and acc["diminished"]["text_unchanged"] == 0
+
+
+def test_text_unchanged_ignores_title_case_and_spacing():
+    orig = {"title": "Fargo (1996)", "text": "Movie. Genres: Crime."}
+    assert text_unchanged({"ok": True, "title": "Fargo - Crime", "text": " movie.  genres: crime.", "original": orig})
+    assert not text_unchanged({"ok": True, "title": "Fargo", "text": "Movie. Genres: Drama.", "original": orig})
+    assert text_unchanged({"ok": False, "reason": "empty rewrite", "original": orig}) is None
+    assert text_unchanged({}) is None
 
 
 def robust(prep, enc, weight_policy, rewriter, out, ad_ids, **kw):
@@ -231,6 +242,7 @@ def test_faithful_rewrites_move_the_target_weight_the_right_way(world, tmp_path)
         assert acc[kind]["accuracy"] == 1.0, (kind, acc[kind])
     assert acc["overall"]["n"] == 3 * len(cold) and acc["overall"]["failed"] == 0
     assert acc["enhanced"]["mean_change"] > 0 > acc["diminished"]["mean_change"]
+    assert acc["overall"]["weight_unchanged"] == 0 and acc["overall"]["text_unchanged"] == 0
     assert eng.rewrite_calls == 3 * len(cold)
     # scope "batch": one program run = one weight call (the target's batch of 4) + the judge
     assert eng.weight_calls == 4 * len(cold) and eng.judge_calls == 4 * len(cold)
@@ -264,6 +276,7 @@ def test_broken_rewriter_and_blind_hypernetwork_score_low(world, tmp_path):
     # a hypernetwork that ignores the ad cannot move any weight
     blind, _ = robust(prep, enc, constant_policy(0.3), faithful_rewriter, tmp_path / "b", cold)
     assert blind["accuracy"]["overall"]["accuracy"] == 0.0 and blind["accuracy"]["overall"]["n"] == 9
+    assert blind["accuracy"]["overall"]["weight_unchanged"] == 9
 
 
 def test_failed_rewrites_are_recorded_not_scored_and_retried_on_resume(world, tmp_path):

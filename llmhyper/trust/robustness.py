@@ -74,6 +74,9 @@ def direction_accuracy(
             "n": len(scored),
             "failed": len(sel) - len(scored),
             "correct": int(sum(ok)),
+            # why a move failed: the weight did not move at all, or the rewrite left the description as it was
+            "weight_unchanged": sum(abs(float(it["after"]) - float(it["before"])) <= eps for it in scored),
+            "text_unchanged": sum(bool(it.get("text_unchanged")) for it in scored),
             "accuracy": ci["value"],
             "lo": ci["lo"],
             "hi": ci["hi"],
@@ -292,6 +295,7 @@ class _ItemFailed(Exception):
 def load_pairs(out: str | Path) -> list[dict[str, Any]]:
     """(before, after) per counterfactual item of a study folder: before = the original's target weight."""
     items = [json.loads(p.read_text()) for p in sorted((Path(out) / "items").glob("*.json"))]
+    rewrites = {p.stem: json.loads(p.read_text()) for p in (Path(out) / "rewrites").glob("*.json")}
     originals = {(it["ad_id"], it["feature"]): it for it in items if it["type"] == "original"}
     pairs = []
     for it in items:
@@ -300,6 +304,7 @@ def load_pairs(out: str | Path) -> list[dict[str, Any]]:
         orig = originals.get((it["ad_id"], it["feature"]))
         before = orig.get("weight") if orig and orig.get("status") == "ok" else None
         after = it.get("weight") if it.get("status") == "ok" else None
+        rw = rewrites.get(f"{it['ad_id']}__{it['feature']}__{it['type']}") or {}
         pairs.append(
             {
                 "ad_id": it["ad_id"],
@@ -308,6 +313,7 @@ def load_pairs(out: str | Path) -> list[dict[str, Any]]:
                 "before": before,
                 "after": after,
                 "rewrite": it.get("rewrite"),
+                "text_unchanged": text_unchanged(rw),
                 "correct": (
                     direction_correct(it["type"], before, after)
                     if before is not None and after is not None
@@ -317,6 +323,15 @@ def load_pairs(out: str | Path) -> list[dict[str, Any]]:
             }
         )
     return pairs
+
+
+def text_unchanged(rewrite: dict[str, Any]) -> bool | None:
+    """Did the rewriter hand back the original description (a title edit alone does not change the ad's
+    content)? None when the rewrite or its original is missing."""
+    if not rewrite.get("ok") or not rewrite.get("original"):
+        return None
+    norm = lambda t: " ".join(str(t or "").split()).lower()  # noqa: E731
+    return norm(rewrite.get("text")) == norm(rewrite["original"].get("text"))
 
 
 def robustness_summary(out: str | Path, eps: float = EPS, n_boot: int = 1000) -> dict[str, Any]:
@@ -346,6 +361,8 @@ def robustness_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]
         "direction accuracy",
         "mean Δw",
         "mean |w| before → after",
+        "w unchanged",
+        "description unchanged",
         "failed",
     ]
     expect = {"enhanced": "w' > w", "diminished": "w' < w", "neutralised": "|w'| < |w|", "overall": ""}
@@ -356,8 +373,9 @@ def robustness_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]
         ab = (
             "—" if r["mean_abs_before"] is None else f"{r['mean_abs_before']:.3f} → {r['mean_abs_after']:.3f}"
         )
+        same = [str(r.get(k, "—")) for k in ("weight_unchanged", "text_unchanged")]
         rows.append(
-            [kind, expect.get(kind, ""), str(r["n"]), str(r["correct"]), acc, move, ab, str(r["failed"])]
+            [kind, expect.get(kind, ""), str(r["n"]), str(r["correct"]), acc, move, ab, *same, str(r["failed"])]
         )
     return head, rows
 
@@ -369,7 +387,9 @@ def robustness_markdown(summary: dict[str, Any], examples: int = 3) -> str:
         "",
         f"{summary['items']} counterfactual items on {summary['ads']} ads; w = the target feature's raw "
         "weight for the original ad, w' = for the rewrite (same program, LM, neighbours and feature batch); "
-        "95% bootstrap intervals over items; failed = no rewrite or no weight (not scored).",
+        "95% bootstrap intervals over items; w unchanged = |w' - w| <= eps; description unchanged = the rewriter "
+        "returned the original description (only the title may differ); failed = no rewrite or no weight "
+        "(not scored).",
     ]
     shown = [p for p in summary["pairs"] if p.get("rewrite") and p["rewrite"].get("ok")][:examples]
     if shown:
