@@ -116,12 +116,14 @@ def gather(
     lr_rows = lr_rows / np.maximum(np.linalg.norm(lr_rows, axis=1, keepdims=True), 1e-12)
     panels = [{"name": "lr_warm (trained, row-normalised)", "matrix": lr_rows.round(4).tolist()}]
     first = next(iter(tables))
+    unit = lambda m: m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    lr_all = unit(methods["lr_warm"].theta)
     cosines = {}
     for n, t in tables.items():
-        m = t.subset(shown).theta
-        m = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+        m = unit(t.subset(shown).theta)
         panels.append({"name": f"{n} (generated, normalised)", "matrix": m.round(4).tolist()})
-        cosines[n] = (m * lr_rows).sum(axis=1).round(4).tolist()
+        # the cosine table covers every ad, not just the rows the heatmap shows
+        cosines[n] = (unit(t.subset(ads_lr).theta) * lr_all).sum(axis=1).round(4).tolist()
     heatmap = {
         "ads": shown,
         "titles": [data.ad_by_id[a].title for a in shown],
@@ -395,7 +397,7 @@ def calibration_rows(rep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def heatmap_rows(rep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     hm = rep["heatmap"]
-    head = ["run", "ads shown", "mean cosine vs lr_warm", "median", "share > 0"]
+    head = ["run", "ads", "mean cosine vs lr_warm", "median", "share > 0"]
     rows = []
     for n, cos in hm["cosine_vs_lr_warm"].items():
         c = np.asarray(cos)

@@ -203,6 +203,10 @@ def test_report_without_studies_computes_metrics_and_says_what_is_missing(studie
     md = render_markdown(rep)
     assert "Not given: run `llmhyper trust explain" in md and "llmhyper trust ablate" in md
     assert len(rep["heatmap"]["panels"]) == 3
+    # the heatmap may show fewer rows, but the cosine table covers every ad
+    few = gather(s["syn"].data, [s["run"]], n_boot=30, max_ads=2)
+    hm = few["heatmap"]
+    assert len(hm["ads"]) == 2 and len(hm["cosine_vs_lr_warm"]["llm_hyper"]) == hm["n_ads_total"] > 2
 
 
 def test_pieces():
