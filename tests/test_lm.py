@@ -472,7 +472,10 @@ def test_embedded_llm_end_to_end():
                           config={"rollout_id": k, "temperature": 1.0}).answer for k in range(3)}
             assert len(names) >= 2, names
         usage = lm_usage(handle.lm)
-        assert usage["calls"] == 4 and usage["prompt_tokens"] > 50 and usage["completion_tokens"] > 0
+        # 4 predictions; a sampled answer that misses ChatAdapter's format is asked once more by DSPy's JSON
+        # fallback, so up to 4 more calls, each counted
+        assert 4 <= usage["calls"] <= 8 and usage["calls"] == len(lm_calls(handle.lm))
+        assert usage["prompt_tokens"] > 50 and usage["completion_tokens"] > 0
         json.dumps(lm_calls(handle.lm))
     finally:
         handle.close()
