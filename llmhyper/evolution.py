@@ -147,7 +147,7 @@ def _lines(text: str | None) -> list[str]:
 
 
 def _score(s: float | None) -> str:
-    return "  -  " if s is None else f"{s:.3f}"
+    return "   -  " if s is None else f"{s:.4f}"
 
 
 def _label(evo: Evolution, c: dict[str, Any]) -> str:
@@ -188,12 +188,12 @@ def curve_lines(evo: Evolution, width: int = 40) -> list[str]:
     lo = min(0.5, min(s for _, s, _ in pts))
     hi = max(1e-9, max(s for _, s, _ in pts) - lo)
     used = (evo.manifest or {}).get("budget", {}).get("metric_calls_used")
-    out = ["  calls   best  candidate"]
+    out = ["  calls    best  candidate"]
     for calls, s, idx in pts:
         bar = "█" * max(1, round(width * (s - lo) / hi))
-        out.append(f"  {calls:5d}  {s:.3f}  #{idx:<4d} {bar}")
+        out.append(f"  {calls:5d}  {s:.4f}  #{idx:<4d} {bar}")
     if used is not None:
-        out.append(f"  {used:5d}  {pts[-1][1]:.3f}  (end of budget)")
+        out.append(f"  {used:5d}  {pts[-1][1]:.4f}  (end of budget)")
     return out
 
 
@@ -371,7 +371,7 @@ def _svg_plot(evo: Evolution, w: int = 720, h: int = 300) -> str:
         cls = "candidate best" if c["id"] == evo.best else "candidate"
         cx = X(c.get("discovered_at_metric_calls") or 0)
         parts.append(f'<circle class="{cls}" data-candidate="{c["id"]}" cx="{cx:.1f}" cy="{Y(c["val_score"]):.1f}" '
-                     f'r="5"><title>candidate {c["id"]}: val {c["val_score"]:.3f}</title></circle>')
+                     f'r="5"><title>candidate {c["id"]}: val {c["val_score"]:.4f}</title></circle>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -137,8 +137,8 @@ def test_text_report_of_a_real_compile(compiled):
     for path in (compiled.program_path, compiled.evolution_dir, compiled.manifest_path):  # all name the same log
         assert load_evolution(path).folder == evo.folder
     out = render_text(evo)
-    assert "Lineage" in out and "#0  0.193  seed" in out
-    assert f"└── #1  {compiled.val_after:.3f}  changed predict_weights.predict, iteration 1  [BEST, pareto]" in out
+    assert "Lineage" in out and "#0  0.1932  seed" in out
+    assert f"└── #1  {compiled.val_after:.4f}  changed predict_weights.predict, iteration 1  [BEST, pareto]" in out
     assert "Best validation score so far" in out and "Iterations" in out
     assert f"val score {compiled.val_before} -> {compiled.val_after}" in out
     assert "Instruction diff: candidate 1 vs parent(s) [0]" in out
@@ -153,11 +153,11 @@ def test_text_tree_with_branches_merge_and_diffs(branched):
     assert [i["iteration"] for i in evo.iterations] == [1, 2]  # replayed iteration: last record kept; cut line ignored
     assert evo.iterations[1]["outcome"] == "accepted"
     lines = lineage_lines(evo)
-    assert lines[0].startswith("#0  0.450  seed")
-    assert lines[1].startswith("├── #1  0.550")
-    assert lines[2].startswith("│   └── #3  0.600") and "[pareto]" in lines[2]
-    assert lines[3].startswith("└── #2  0.500")
-    assert lines[4].startswith("    └── #4  0.650  merge of 2 + 3") and "[BEST, pareto]" in lines[4]
+    assert lines[0].startswith("#0  0.4500  seed")
+    assert lines[1].startswith("├── #1  0.5500")
+    assert lines[2].startswith("│   └── #3  0.6000") and "[pareto]" in lines[2]
+    assert lines[3].startswith("└── #2  0.5000")
+    assert lines[4].startswith("    └── #4  0.6500  merge of 2 + 3") and "[BEST, pareto]" in lines[4]
     assert [(c, s) for c, s, _ in best_so_far(evo)] == [(0, 0.45), (8, 0.55), (20, 0.6), (26, 0.65)]
     d = instruction_diff(evo, 3)
     assert "+Be brief." in d and "-" not in [ln[:1] for ln in d.splitlines() if not ln.startswith("---")]
