@@ -20,6 +20,13 @@ def l2_normalize(theta: np.ndarray) -> np.ndarray:
     return theta / norm if norm > 0 else theta.copy()
 
 
+def l2_normalize_rows(thetas: np.ndarray) -> np.ndarray:
+    """`l2_normalize` for each row of a 2-d array (all-zero rows stay zero)."""
+    thetas = np.asarray(thetas, dtype=np.float64)
+    norms = np.linalg.norm(thetas, axis=1, keepdims=True)
+    return thetas / np.where(norms > 0, norms, 1.0)
+
+
 def logit(p: float) -> float:
     return float(np.log(p) - np.log1p(-p))
 

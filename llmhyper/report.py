@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from llmhyper.errors import LLMHyperError
+from llmhyper.normalize import l2_normalize_rows
 
 METRIC_KEYS = ("ad_auc", "auc", "ndcg10")
 METRIC_NAMES = {
@@ -112,18 +113,15 @@ def gather(
 
     # heatmap: the first max_ads ads that every panel has
     shown = ads_lr[:max_ads]
-    lr_rows = methods["lr_warm"].subset(shown).theta
-    lr_rows = lr_rows / np.maximum(np.linalg.norm(lr_rows, axis=1, keepdims=True), 1e-12)
-    panels = [{"name": "lr_warm (trained, row-normalised)", "matrix": lr_rows.round(4).tolist()}]
+    lr_all = l2_normalize_rows(methods["lr_warm"].theta)  # rows in ads_lr order, so shown = the first rows
+    panels = [{"name": "lr_warm (trained, row-normalised)", "matrix": lr_all[: len(shown)].round(4).tolist()}]
     first = next(iter(tables))
-    unit = lambda m: m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    lr_all = unit(methods["lr_warm"].theta)
     cosines = {}
     for n, t in tables.items():
-        m = unit(t.subset(shown).theta)
-        panels.append({"name": f"{n} (generated, normalised)", "matrix": m.round(4).tolist()})
+        m = l2_normalize_rows(t.subset(ads_lr).theta)
+        panels.append({"name": f"{n} (generated, normalised)", "matrix": m[: len(shown)].round(4).tolist()})
         # the cosine table covers every ad, not just the rows the heatmap shows
-        cosines[n] = (unit(t.subset(ads_lr).theta) * lr_all).sum(axis=1).round(4).tolist()
+        cosines[n] = (m * lr_all).sum(axis=1).round(4).tolist()
     heatmap = {
         "ads": shown,
         "titles": [data.ad_by_id[a].title for a in shown],

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmhyper.normalize import calibrate_intercept, l2_normalize, logit, neighbour_alpha, normalize_and_calibrate
+from llmhyper.normalize import (
+    calibrate_intercept,
+    l2_normalize,
+    l2_normalize_rows,
+    logit,
+    neighbour_alpha,
+    normalize_and_calibrate,
+)
 from llmhyper.weights import sigmoid
 
 
@@ -14,6 +21,11 @@ def test_l2_normalize_hand_case():
     z = np.zeros(4)
     out = l2_normalize(z)
     assert np.array_equal(out, z) and out is not z
+
+
+def test_l2_normalize_rows_hand_case():
+    rows = l2_normalize_rows(np.array([[3.0, 4.0], [0.0, 0.0], [0.0, -2.0]]))
+    assert np.allclose(rows, [[0.6, 0.8], [0.0, 0.0], [0.0, -1.0]])
 
 
 def test_calibration_symmetric_hand_case():

@@ -374,9 +374,8 @@ def robustness_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]
             "—" if r["mean_abs_before"] is None else f"{r['mean_abs_before']:.3f} → {r['mean_abs_after']:.3f}"
         )
         same = [str(r.get(k, "—")) for k in ("weight_unchanged", "text_unchanged")]
-        rows.append(
-            [kind, expect.get(kind, ""), str(r["n"]), str(r["correct"]), acc, move, ab, *same, str(r["failed"])]
-        )
+        counts = [str(r["n"]), str(r["correct"])]
+        rows.append([kind, expect.get(kind, ""), *counts, acc, move, ab, *same, str(r["failed"])])
     return head, rows
 
 
@@ -387,9 +386,9 @@ def robustness_markdown(summary: dict[str, Any], examples: int = 3) -> str:
         "",
         f"{summary['items']} counterfactual items on {summary['ads']} ads; w = the target feature's raw "
         "weight for the original ad, w' = for the rewrite (same program, LM, neighbours and feature batch); "
-        "95% bootstrap intervals over items; w unchanged = |w' - w| <= eps; description unchanged = the rewriter "
-        "returned the original description (only the title may differ); failed = no rewrite or no weight "
-        "(not scored).",
+        "95% bootstrap intervals over items; w unchanged = |w' - w| <= eps; description unchanged = the "
+        "rewriter returned the original description (only the title may differ); failed = no rewrite or no "
+        "weight (not scored).",
     ]
     shown = [p for p in summary["pairs"] if p.get("rewrite") and p["rewrite"].get("ok")][:examples]
     if shown:
