@@ -44,7 +44,7 @@ def ad_texts(n: int, seed: int = 0) -> list[str]:
 def knn_rows(n_pool: int, n_queries: int, k: int, dim: int) -> list[dict]:
     import faiss
 
-    from llmhyper.retrieval import AdIndex
+    from llmhyper.retrieval.index import AdIndex
 
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(1)
-        from llmhyper.encoders import MiniLMEffNetEncoder
+        from llmhyper.retrieval.encoders import MiniLMEffNetEncoder
 
         enc = MiniLMEffNetEncoder()
         t0 = time.perf_counter()

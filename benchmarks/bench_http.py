@@ -2,7 +2,7 @@
 
     nice -n 19 .venv/bin/python benchmarks/bench_http.py [--weights DIR] [--requests 2000] [--clients 4]
 
-Starts the service (`python -m llmhyper.cli serve`, its own process, 1 BLAS thread) on a free loopback
+Starts the service (`python -m llmhyper.cli.main serve`, its own process, 1 BLAS thread) on a free loopback
 port over a synthetic 120 ads x 40 features artifact (or --weights), then `--clients` threads, each with
 its own keep-alive httpx client, send POST /rank {"features": [...], "k": 10} until `--requests` are
 done or `--seconds` have passed. Reports p50/p99 latency (client side, request sent -> body parsed),
@@ -42,7 +42,7 @@ def free_port() -> int:
 
 def start_server(weights: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "llmhyper.cli", "serve", "--weights", weights,
+    proc = subprocess.Popen([sys.executable, "-m", "llmhyper.cli.main", "serve", "--weights", weights,
                              "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60

@@ -26,7 +26,7 @@ single_thread(1)
 
 import numpy as np
 
-from llmhyper.scorer import Scorer
+from llmhyper.serve.scorer import Scorer
 from llmhyper.weights import WeightTable
 
 

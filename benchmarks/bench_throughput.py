@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     single_thread(args.threads)
     import numpy as np
 
-    from llmhyper.scorer import Scorer
+    from llmhyper.serve.scorer import Scorer
     from llmhyper.weights import WeightTable
 
     bw = copy_bandwidth(np, args.copy_mib, args.repeat)

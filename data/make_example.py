@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from llmhyper.synthetic import generate_synthetic
+from llmhyper.data.synthetic import generate_synthetic
 
 OUT = Path(__file__).parent / "example"
 

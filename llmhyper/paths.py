@@ -6,6 +6,10 @@ import os
 from pathlib import Path
 
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout (programs/, results/ live here)
+PROGRAMS = REPO / "programs"
+
+
 def cache_dir() -> Path:
     """$LLMHYPER_CACHE, else $XDG_CACHE_HOME/llmhyper, else ~/.cache/llmhyper (created on demand)."""
     root = os.environ.get("LLMHYPER_CACHE")
@@ -23,8 +27,7 @@ def shared_posters_dir() -> Path | None:
     env = os.environ.get("LLMHYPER_POSTERS")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent
-    for cand in (here.parent / "shared" / "data" / "ml100k-posters",):
+    for cand in (REPO.parent / "shared" / "data" / "ml100k-posters",):
         if (cand / "posters.csv").exists():
             return cand
     return None

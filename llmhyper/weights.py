@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,11 @@ from typing import Any
 import numpy as np
 
 from llmhyper.errors import DataError
+from llmhyper.store import file_sha256, read_json, save_npz_atomic, write_json_atomic
 
 NPZ_NAME, JSON_NAME = "weights.npz", "weights.json"
+# a logit weight this large is a broken artifact, not a model (float32 serving would overflow near 3e38)
+MAX_ABS_WEIGHT = 1e6
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -81,25 +83,62 @@ class WeightTable:
 
     # -- persistence (no pickle) --------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
+        """Write `weights.npz` then `weights.json`, each atomically. The JSON names the npz's SHA-256, so a
+        reader that catches the folder between the two renames sees a mismatch, never mixed weights."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / NPZ_NAME, theta=self.theta, intercept=self.intercept,
-                 ad_ids=np.array(self.ad_ids, dtype=str), feature_names=np.array(self.feature_names, dtype=str))
-        (d / JSON_NAME).write_text(json.dumps(
-            {"method": self.method, "n_ads": len(self.ad_ids), "feature_names": self.feature_names,
-             "flags": self.flags, "meta": self.meta}, indent=2, default=str))
+        if d.exists() and not d.is_dir():
+            raise DataError("a weight artifact folder is expected here, found a file", file=str(d))
+        arrays = {"theta": self.theta, "intercept": self.intercept,
+                  "ad_ids": np.array(self.ad_ids, dtype=str), "feature_names": np.array(self.feature_names, dtype=str)}
+        npz = save_npz_atomic(d / NPZ_NAME, **arrays)
+        write_json_atomic(d / JSON_NAME, {"method": self.method, "n_ads": len(self.ad_ids),
+                                          "feature_names": self.feature_names, "flags": self.flags,
+                                          "meta": self.meta, "npz_sha256": file_sha256(npz)})
         return d
 
     @classmethod
     def load(cls, directory: str | Path) -> WeightTable:
+        """Read an artifact; any damage (missing, cut short, mismatched, non-finite) is a one-line DataError."""
         d = Path(directory)
         npz, js = d / NPZ_NAME, d / JSON_NAME
+        if not d.is_dir():
+            raise DataError(f"no weight artifact here (expected a folder with {NPZ_NAME} and {JSON_NAME})",
+                            file=str(d))
         for p in (npz, js):
-            if not p.exists():
+            if not p.is_file():
                 raise DataError(f"no weight artifact here (expected {NPZ_NAME} and {JSON_NAME})", file=str(p))
-        with np.load(npz, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        info = json.loads(js.read_text())
-        return cls(info.get("method", d.name), [str(a) for a in arrays["ad_ids"]],
-                   [str(f) for f in arrays["feature_names"]], arrays["theta"], arrays["intercept"],
-                   info.get("flags", {}), info.get("meta", {}))
+        info = read_json(js, "weight artifact description")
+        if not isinstance(info, dict):
+            raise DataError("expected a JSON object", file=str(js))
+        want = info.get("npz_sha256")
+        if want is not None and want != file_sha256(npz):
+            raise DataError(f"does not match {JSON_NAME} (a save was interrupted or the files were mixed); "
+                            "rerun the command that wrote it", file=str(npz))
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as exc:  # zipfile / numpy raise many kinds for a damaged file
+            raise DataError(f"damaged weight arrays ({type(exc).__name__}: {str(exc)[:80]})", file=str(npz)) from None
+        missing = [k for k in ("theta", "intercept", "ad_ids", "feature_names") if k not in arrays]
+        if missing:
+            raise DataError(f"weight arrays lack {missing}", file=str(npz))
+        flags, meta = info.get("flags", {}), info.get("meta", {})
+        if not isinstance(flags, dict) or not all(isinstance(v, list) for v in flags.values()):
+            raise DataError("'flags' must map ad ids to lists of feature names", file=str(js), field="flags")
+        if not isinstance(meta, dict):
+            raise DataError("'meta' must be an object", file=str(js), field="meta")
+        try:
+            theta = np.asarray(arrays["theta"], dtype=np.float64)
+            intercept = np.asarray(arrays["intercept"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise DataError("theta and intercept must be numbers", file=str(npz)) from None
+        for name, arr in (("theta", theta), ("intercept", intercept)):
+            bad = ~np.isfinite(arr) | (np.abs(arr) > MAX_ABS_WEIGHT)
+            if bad.any():
+                raise DataError(f"{int(bad.sum())} values are not finite or exceed {MAX_ABS_WEIGHT:g} in magnitude",
+                                file=str(npz), field=name)
+        try:
+            return cls(str(info.get("method", d.name)), [str(a) for a in arrays["ad_ids"]],
+                       [str(f) for f in arrays["feature_names"]], theta, intercept, flags, meta)
+        except ValueError as exc:
+            raise DataError(str(exc), file=str(npz)) from None

@@ -1,4 +1,4 @@
-"""Write programs/zero_shot.json (DSPy state) and its manifest from the signatures in llmhyper.signatures.
+"""Write programs/zero_shot.json (DSPy state) and its manifest from the signatures in llmhyper.hyper.signatures.
 
     python programs/make_zero_shot.py
 """
@@ -10,8 +10,8 @@ from pathlib import Path
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from llmhyper.manifest import file_sha256, git_commit, now, versions, write_json_atomic  # noqa: E402
-from llmhyper.program import LLMHyper  # noqa: E402
+from llmhyper.store import file_sha256, git_commit, now, versions, write_json_atomic  # noqa: E402
+from llmhyper.hyper.program import LLMHyper  # noqa: E402
 
 HERE = Path(__file__).parent
 

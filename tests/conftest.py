@@ -59,9 +59,9 @@ def _isolated(monkeypatch):
 @pytest.fixture()
 def default_run(tmp_path, monkeypatch):
     """A scripted run on the default synthetic world, as `llmhyper generate --dataset synthetic` makes it."""
-    from llmhyper.generate import check_resume
-    from llmhyper.prepare import prepare
-    from llmhyper.synthetic import generate_synthetic
+    from llmhyper.hyper.generate import check_resume
+    from llmhyper.ctr.prepare import prepare
+    from llmhyper.data.synthetic import generate_synthetic
     from tests.fakes import HashEncoder
     from tests.scripted_trust import TrustEngine, main_topic_policy, make_run
 

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from llmhyper.encoders import Encoder, l2_normalize
+from llmhyper.retrieval.encoders import Encoder, l2_normalize
 
 
 class HashEncoder(Encoder):

@@ -83,7 +83,7 @@ def scripted_lm(engine: ScriptedEngine) -> dspy.LM:
 
 
 class Handle:
-    """Stands in for llmhyper.lm.LMHandle."""
+    """Stands in for llmhyper.llm.models.LMHandle."""
 
     def __init__(self, lm):
         self.lm = lm

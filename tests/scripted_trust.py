@@ -8,8 +8,8 @@ import re
 
 from dspy.lm15 import Message, Response, TextPart, Usage
 
-from llmhyper.generate import generate
-from llmhyper.program import LLMHyper, ProgramConfig
+from llmhyper.hyper.generate import generate
+from llmhyper.hyper.program import LLMHyper, ProgramConfig
 from tests.scripted_lm import Handle, ScriptedEngine, UnexpectedPrompt, _text, batch_features, scripted_lm, section
 
 TOPIC_WORDS = ("sports", "cooking", "travel", "tech", "fashion")

@@ -11,7 +11,7 @@ import dspy
 import numpy as np
 import pytest
 
-from llmhyper.compile import (
+from llmhyper.optimize.compile import (
     CTRFeedbackMetric,
     eligible_ads,
     load_recipe,
@@ -20,8 +20,8 @@ from llmhyper.compile import (
     select_split,
 )
 from llmhyper.errors import DataError
-from llmhyper.prepare import prepare
-from llmhyper.synthetic import generate_synthetic
+from llmhyper.ctr.prepare import prepare
+from llmhyper.data.synthetic import generate_synthetic
 from tests.fakes import HashEncoder
 from tests.scripted_reflection import RULE, CompileEngine, scripted_pair
 
@@ -78,7 +78,7 @@ def recipe_file(tmp_path, monkeypatch):
 
 
 def compile_with(recipe: Path, out: Path, engine: CompileEngine, **kw):
-    from llmhyper.compile import compile_recipe
+    from llmhyper.optimize.compile import compile_recipe
 
     task, refl = scripted_pair(engine)
     return compile_recipe(recipe, out, encoder=HashEncoder(), task_lm=task, reflection_lm=refl, progress=False, **kw)
@@ -160,7 +160,7 @@ def test_judge_feedback_names_false_alarms_and_misses(world):
 
 
 def test_parse_failures_score_zero_with_feedback_and_never_crash(world):
-    from llmhyper.program import LLMHyper, ProgramConfig
+    from llmhyper.hyper.program import LLMHyper, ProgramConfig
     from tests.scripted_lm import ScriptedEngine, scripted_lm
 
     _, prep = world
@@ -254,7 +254,7 @@ def test_recipe_cross_checks_and_syntax(recipe_file):
 
 
 def test_split_ids_are_checked_against_the_data_before_any_llm_call(world, recipe_file, tmp_path, monkeypatch):
-    import llmhyper.compile as comp
+    import llmhyper.optimize.compile as comp
 
     ok = eligible_ads(world[1], 4, 4)  # the same synthetic world as the recipe's
 
@@ -299,7 +299,7 @@ def test_split_is_seeded_disjoint_and_keeps_val_when_train_grows(world, recipe_f
 # -- compile end to end ------------------------------------------------------------------------------------
 
 def test_compile_improves_val_score_and_writes_program_manifest_and_log(recipe_file, tmp_path):
-    from llmhyper.program import LLMHyper
+    from llmhyper.hyper.program import LLMHyper
 
     recipe = recipe_file()
     eng = CompileEngine()
@@ -358,8 +358,8 @@ def test_compile_improves_val_score_and_writes_program_manifest_and_log(recipe_f
 
 
 def test_compiled_program_runs_in_generate(recipe_file, tmp_path, world):
-    from llmhyper.generate import generate
-    from llmhyper.program import LLMHyper, ProgramConfig
+    from llmhyper.hyper.generate import generate
+    from llmhyper.hyper.program import LLMHyper, ProgramConfig
     from tests.scripted_lm import Handle
 
     res = compile_with(recipe_file(), tmp_path / "programs", CompileEngine())
@@ -438,10 +438,10 @@ def test_resume_refuses_other_settings(recipe_file, tmp_path):
 # -- command line ----------------------------------------------------------------------------------------------
 
 def test_cli_compile_dry_run_and_errors(recipe_file, tmp_path, monkeypatch, capsys):
-    import llmhyper.encoders
-    from llmhyper.cli import main
+    import llmhyper.retrieval.encoders
+    from llmhyper.cli.main import main
 
-    monkeypatch.setattr(llmhyper.encoders, "get_encoder", lambda spec, **kw: HashEncoder())
+    monkeypatch.setattr(llmhyper.retrieval.encoders, "get_encoder", lambda spec, **kw: HashEncoder())
     recipe = recipe_file()
     assert main(["compile", str(recipe), "--out", str(tmp_path / "p"), "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -455,8 +455,8 @@ def test_cli_compile_dry_run_and_errors(recipe_file, tmp_path, monkeypatch, caps
 
 
 def test_build_lms_shares_one_embedded_server_and_reads_keys_from_env(recipe_file, monkeypatch):
-    import llmhyper.lm
-    from llmhyper.compile import build_lms
+    import llmhyper.llm.models
+    from llmhyper.optimize.compile import build_lms
 
     built = []
 
@@ -465,10 +465,10 @@ def test_build_lms_shares_one_embedded_server_and_reads_keys_from_env(recipe_fil
 
     def fake_build_lm(spec, **kw):
         built.append((spec, kw))
-        return llmhyper.lm.LMHandle(lm=dspy.LM("hosted_vllm/m", api_base=FakeServer.base_url, api_key="k"),
+        return llmhyper.llm.models.LMHandle(lm=dspy.LM("hosted_vllm/m", api_base=FakeServer.base_url, api_key="k"),
                                     description={"spec": spec, "model": "m"}, server=FakeServer())
 
-    monkeypatch.setattr(llmhyper.lm, "build_lm", fake_build_lm)
+    monkeypatch.setattr(llmhyper.llm.models, "build_lm", fake_build_lm)
     recipe = load_recipe(REPO / "optimizers" / "ml100k_small.toml")
     task, refl = build_lms(recipe)
     assert len(built) == 1 and built[0][1]["n_ctx"] == 8192  # one server, big enough for the reflection prompt

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmhyper.data import load_folder, read_ads, read_feature_specs, read_impressions, read_user_features
+from llmhyper.data.contract import load_folder, read_ads, read_feature_specs, read_impressions, read_user_features
 from llmhyper.errors import DataError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "data" / "example"
@@ -165,7 +165,7 @@ def test_parquet_impressions_via_arrow(folder):
 
 
 def test_cli_reports_data_errors_without_traceback(folder, capsys):
-    from llmhyper.cli import main
+    from llmhyper.cli.main import main
 
     (folder / "features.csv").write_text("name,description\ninterest_sports,\n")
     assert main(["data", "--data", str(folder)]) == 2

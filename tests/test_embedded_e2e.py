@@ -10,10 +10,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from llmhyper.generate import generate
-from llmhyper.prepare import prepare
-from llmhyper.program import LLMHyper, ProgramConfig
-from llmhyper.synthetic import generate_synthetic
+from llmhyper.hyper.generate import generate
+from llmhyper.ctr.prepare import prepare
+from llmhyper.hyper.program import LLMHyper, ProgramConfig
+from llmhyper.data.synthetic import generate_synthetic
 from tests.fakes import HashEncoder
 
 pytestmark = pytest.mark.embedded
@@ -26,7 +26,7 @@ def five_feature_world():
 
 
 def test_real_model_writes_weights_for_one_ad(tmp_path, monkeypatch):
-    from llmhyper.lm import build_lm
+    from llmhyper.llm.models import build_lm
 
     monkeypatch.setenv("LLMHYPER_CACHE", str(tmp_path / "cache"))
     data = five_feature_world()

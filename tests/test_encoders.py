@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import llmhyper.encoders as enc_mod
+import llmhyper.retrieval.encoders as enc_mod
 from llmhyper import _lazy
-from llmhyper.encoders import (
+from llmhyper.retrieval.encoders import (
     DEFAULT_ENCODER,
     EmbeddingCache,
     Encoder,
@@ -28,7 +28,7 @@ from llmhyper.encoders import (
     l2_normalize,
 )
 from llmhyper.errors import DataError, MissingDependency
-from llmhyper.imagenet_classes import IMAGENET_CLASSNAMES
+from llmhyper.retrieval.imagenet_classes import IMAGENET_CLASSNAMES
 
 POSTERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml100k-posters" / "images"
 POSTER_IDS = ("1", "2", "82")  # Toy Story, GoldenEye, Jurassic Park

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 
 from llmhyper.errors import DataError, LLMHyperError
-from llmhyper.evolution import (
+from llmhyper.optimize.evolution import (
     best_so_far,
     instruction_diff,
     lineage_lines,
@@ -25,7 +25,7 @@ from tests.test_compile import RECIPE
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    from llmhyper.compile import compile_recipe
+    from llmhyper.optimize.compile import compile_recipe
 
     root = tmp_path_factory.mktemp("evo")
     with pytest.MonkeyPatch.context() as mp:
@@ -178,7 +178,7 @@ def test_missing_log_is_a_clear_error(tmp_path):
 
 
 def test_cli_evolution_text_and_html(compiled, tmp_path, capsys):
-    from llmhyper.cli import main
+    from llmhyper.cli.main import main
 
     out = tmp_path / "page" / "evo.html"
     assert main(["evolution", str(compiled.program_path.with_suffix("")), "--html", str(out)]) == 0

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from llmhyper.evaluate import evaluate, load_artifacts
-from llmhyper.generate import collect, generate
-from llmhyper.prepare import prepare
-from llmhyper.program import LLMHyper, ProgramConfig
-from llmhyper.synthetic import generate_synthetic
+from llmhyper.ctr.evaluate import evaluate, load_artifacts
+from llmhyper.hyper.generate import collect, generate
+from llmhyper.ctr.prepare import prepare
+from llmhyper.hyper.program import LLMHyper, ProgramConfig
+from llmhyper.data.synthetic import generate_synthetic
 from llmhyper.weights import WeightTable, sigmoid
 from tests.fakes import HashEncoder
 from tests.scripted_lm import Handle, ScriptedEngine, scripted_lm
@@ -61,13 +61,13 @@ def test_records_and_artifact(world, tmp_path):
     assert len(calls) == totals["weight_calls"] + 5  # + one judge call per ad
     # the artifact scores in evaluate, and a perfect hypernetwork beats the kNN prior on per-ad AUC
     table = load_artifacts([tmp_path / "run" / "weights"])["llm_hyper"]
-    from llmhyper import baselines as bl
+    from llmhyper.ctr import baselines as bl
 
     knn = bl.calibrated(bl.knn_prior(prep.retired, prep.neighbours, cold), prep.X_cal, prep.alphas, "knn_cal")
     res = evaluate(prep, {"lr_cold": bl.lr_cold(prep.retired, cold), "knn_cal": knn, "llm_hyper": table}, n_boot=50,
                    challengers=["llm_hyper"])
     assert set(res["methods"]["llm_hyper"]["vs_knn_cal"]) == {"auc", "ad_auc", "ndcg10", "logloss"}
-    from llmhyper.evaluate import markdown_table
+    from llmhyper.ctr.evaluate import markdown_table
 
     assert "Paired against knn_cal" in markdown_table(res)
     assert res["methods"]["llm_hyper"]["ad_auc"]["value"] >= res["methods"]["knn_cal"]["ad_auc"]["value"] - 0.01
@@ -122,7 +122,7 @@ def test_partial_failure_fills_from_prior_and_says_so(world, tmp_path):
 
 def test_resume_refuses_other_settings(tmp_path):
     from llmhyper.errors import LLMHyperError
-    from llmhyper.generate import check_resume
+    from llmhyper.hyper.generate import check_resume
 
     check_resume(tmp_path, {"lm": "embedded", "k": 3}, force=False)
     with pytest.raises(LLMHyperError, match="other settings"):

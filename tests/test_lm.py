@@ -1,4 +1,4 @@
-"""llmhyper.lm: joining + verifying the embedded model, the in-process server, build_lm, usage/call logs.
+"""llmhyper.llm.models: joining + verifying the embedded model, the in-process server, build_lm, usage/call logs.
 
 Everything here runs offline with tiny fake slices and a fake xllamacpp, except the one `embedded` test
 (``pytest --embedded``), which starts the real llama.cpp server on the real 1.1 GB model.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-import llmhyper.lm as lmmod
+import llmhyper.llm.models as lmmod
 from llmhyper.errors import LLMHyperError, MissingDependency, ModelIntegrityError
-from llmhyper.lm import (EMBEDDED_MODEL, EmbeddedModelSpec, EmbeddedServer, LMHandle, build_lm,
+from llmhyper.llm.models import (EMBEDDED_MODEL, EmbeddedModelSpec, EmbeddedServer, LMHandle, build_lm,
                          ensure_embedded_model, lm_calls, lm_usage)
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for llmhyper.metrics: scikit-learn agreement, hand-computed cases, edge cases, bootstrap."""
+"""Tests for llmhyper.ctr.metrics: scikit-learn agreement, hand-computed cases, edge cases, bootstrap."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from llmhyper import metrics as M
+from llmhyper.ctr import metrics as M
 
 
 def _data(seed, n_users=30, n_ads=12, rate=0.25, decimals=None):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmhyper import movielens as ml
+from llmhyper.data import movielens as ml
 from llmhyper.errors import DataError
 
 

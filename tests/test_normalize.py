@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmhyper.normalize import (
+from llmhyper.ctr.normalize import (
     calibrate_intercept,
     l2_normalize,
     l2_normalize_rows,

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from llmhyper import baselines as bl
-from llmhyper.evaluate import baseline_methods, evaluate, markdown_table
-from llmhyper.prepare import prepare
-from llmhyper.synthetic import generate_synthetic
-from llmhyper.warm import train_warm
+from llmhyper.ctr import baselines as bl
+from llmhyper.ctr.evaluate import baseline_methods, evaluate, markdown_table
+from llmhyper.ctr.prepare import prepare
+from llmhyper.data.synthetic import generate_synthetic
+from llmhyper.ctr.warm import train_warm
 from llmhyper.weights import WeightTable
 from tests.fakes import HashEncoder
 
@@ -102,8 +102,8 @@ def test_artifact_roundtrip_and_subset(prep, world, tmp_path):
 
 
 def test_cli_evaluate_writes_json(monkeypatch, tmp_path, capsys):
-    import llmhyper.encoders as enc
-    from llmhyper.cli import main
+    import llmhyper.retrieval.encoders as enc
+    from llmhyper.cli.main import main
 
     monkeypatch.setenv("LLMHYPER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(enc, "get_encoder", lambda spec="x", **kw: HashEncoder())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dspy
 import pytest
 
-from llmhyper.program import LLMHyper, ProgramConfig, WeightParseError, check_weights, format_features
+from llmhyper.hyper.program import LLMHyper, ProgramConfig, WeightParseError, check_weights, format_features
 from tests.scripted_lm import ScriptedEngine, UnexpectedPrompt, scripted_lm
 
 FEATURES = [{"name": f"f{i}", "description": f"feature number {i}"} for i in range(7)]

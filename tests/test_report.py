@@ -7,10 +7,10 @@ from html.parser import HTMLParser
 
 import pytest
 
-from llmhyper.prepare import prepare
-from llmhyper.program import ProgramConfig
-from llmhyper.report import calibration_bins, diverging, gather, render_markdown, write_report
-from llmhyper.synthetic import generate_synthetic
+from llmhyper.ctr.prepare import prepare
+from llmhyper.hyper.program import ProgramConfig
+from llmhyper.report.page import calibration_bins, diverging, gather, render_markdown, write_report
+from llmhyper.data.synthetic import generate_synthetic
 from tests.fakes import NO_CHROMIUM, HashEncoder, chromium, dump_dom
 from tests.scripted_lm import Handle, scripted_lm
 from tests.scripted_trust import (
@@ -56,8 +56,8 @@ class Page(HTMLParser):
 @pytest.fixture()
 def studies(tmp_path, monkeypatch):
     """A scripted run, its explain / robustness / ablation studies, on a small synthetic world."""
-    from llmhyper.evaluate import baseline_methods, evaluate, load_artifacts
-    from llmhyper.program import LLMHyper
+    from llmhyper.ctr.evaluate import baseline_methods, evaluate, load_artifacts
+    from llmhyper.hyper.program import LLMHyper
     from llmhyper.trust.ablation import parse_variants, run_ablation
     from llmhyper.trust.explain import explain_study
     from llmhyper.trust.robustness import robustness_study
@@ -224,7 +224,7 @@ def test_pieces():
 
 
 def test_report_command(default_run, tmp_path, capsys):
-    from llmhyper.cli import main
+    from llmhyper.cli.main import main
 
     run, _ = default_run
     assert (

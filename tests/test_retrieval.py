@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llmhyper.errors import DataError
-from llmhyper.retrieval import AdIndex, AdIndexError, Neighbour
+from llmhyper.retrieval.index import AdIndex, AdIndexError, Neighbour
 
 
 def _data(n=60, dim=16, seed=0):

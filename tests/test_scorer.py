@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llmhyper.errors import DataError
-from llmhyper.scorer import FeatureError, Scorer, Snapshot
+from llmhyper.serve.scorer import FeatureError, Scorer, Snapshot
 from llmhyper.weights import WeightTable, sigmoid
 
 NAMES = ["age", "is_female", "like_Action"]
@@ -314,7 +314,7 @@ def test_snapshot_build_directly():
 
 
 def test_blocked_scores_equal_unblocked(monkeypatch):
-    import llmhyper.scorer as scorer_module
+    import llmhyper.serve.scorer as scorer_module
 
     table = random_table(n_ads=50, d=40, seed=7)
     X = np.random.default_rng(8).normal(size=(97, 40))

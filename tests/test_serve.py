@@ -12,8 +12,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from llmhyper.scorer import Scorer
-from llmhyper.serve import MAX_BATCH, MAX_BODY_BYTES, create_app, host_warning, running_server
+from llmhyper.serve.scorer import Scorer
+from llmhyper.serve.app import MAX_BATCH, MAX_BODY_BYTES, create_app, host_warning, running_server
 from llmhyper.weights import WeightTable
 
 D, N_ADS = 8, 30
@@ -253,7 +253,7 @@ def test_host_warning():
 
 
 def test_cli_registers_serve():
-    from llmhyper.cli import build_parser
+    from llmhyper.cli.main import build_parser
 
     args = build_parser().parse_args(["serve", "--weights", "w", "--trained", "t", "--port", "9000"])
     got = (args.weights, args.trained, args.host, args.port, args.flag_threshold)

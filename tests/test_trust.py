@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from llmhyper.prepare import prepare
-from llmhyper.program import LLMHyper, ProgramConfig
-from llmhyper.synthetic import generate_synthetic
+from llmhyper.ctr.prepare import prepare
+from llmhyper.hyper.program import LLMHyper, ProgramConfig
+from llmhyper.data.synthetic import generate_synthetic
 from llmhyper.trust.explain import (
     coverage_at_k,
     explain_study,
@@ -50,8 +50,8 @@ def world(tmp_path, monkeypatch):
 
 
 def test_target_features_per_data_set():
-    from llmhyper.movielens import feature_specs as ml_specs
-    from llmhyper.synthetic import feature_specs as syn_specs
+    from llmhyper.data.movielens import feature_specs as ml_specs
+    from llmhyper.data.synthetic import feature_specs as syn_specs
 
     ml = [f.name for f in ml_specs()]
     assert target_features({"metadata": {"genres": ["Drama", "Children's"]}}, ml) == [
@@ -454,7 +454,7 @@ def test_shots0_program_passes_an_empty_example_list(world):
 
 
 def test_cli_registers_trust_and_report_and_explains_without_llm(default_run, tmp_path, capsys):
-    from llmhyper.cli import build_parser, main
+    from llmhyper.cli.main import build_parser, main
 
     run, syn = default_run
     parser = build_parser()
@@ -503,9 +503,9 @@ def test_cli_registers_trust_and_report_and_explains_without_llm(default_run, tm
 
 def test_cli_robustness_and_ablate_wire_the_studies(default_run, tmp_path, monkeypatch, capsys):
     """The commands with the LM and encoder builders swapped for scripted ones (no LLM is started)."""
-    import llmhyper.encoders
-    import llmhyper.lm
-    from llmhyper.cli import main
+    import llmhyper.retrieval.encoders
+    import llmhyper.llm.models
+    from llmhyper.cli.main import main
 
     run, syn = default_run
     eng = TrustEngine(weight_policy=reading_policy(), rewrite_policy=faithful_rewriter)
@@ -515,8 +515,8 @@ def test_cli_robustness_and_ablate_wire_the_studies(default_run, tmp_path, monke
         built.append(spec)
         return Handle(scripted_lm(eng))
 
-    monkeypatch.setattr(llmhyper.lm, "build_lm", fake_build_lm)
-    monkeypatch.setattr(llmhyper.encoders, "get_encoder", lambda name: HashEncoder())
+    monkeypatch.setattr(llmhyper.llm.models, "build_lm", fake_build_lm)
+    monkeypatch.setattr(llmhyper.retrieval.encoders, "get_encoder", lambda name: HashEncoder())
     out = tmp_path / "cf"
     assert (
         main(

@@ -108,7 +108,7 @@ def parse_variants(spec: str | None) -> list[Variant]:
 
 def variant_program(variant: Variant, config=None, program_path: str | Path | None = None):
     """The LLM-HYPER program with the variant's inputs (a compiled program's state loads as usual)."""
-    from llmhyper.program import LLMHyper, ProgramConfig
+    from llmhyper.hyper.program import LLMHyper, ProgramConfig
 
     class VariantProgram(LLMHyper):
         def __init__(self, cfg, shots: int, caption: bool):
@@ -190,10 +190,10 @@ def run_ablation(
     """Generate every variant (resumable) and evaluate them together. `prep` must be retrieved with
     k >= max(base_k, shots of every variant). `reuse`: variant name -> an existing generate run directory
     made with the same settings (e.g. the main run as "full"): its weights are used, nothing is generated."""
-    from llmhyper import baselines as bl
-    from llmhyper.evaluate import evaluate
-    from llmhyper.generate import check_resume, generate
-    from llmhyper.manifest import now, write_json_atomic
+    from llmhyper.ctr import baselines as bl
+    from llmhyper.ctr.evaluate import evaluate
+    from llmhyper.hyper.generate import check_resume, generate
+    from llmhyper.store import now, write_json_atomic
     from llmhyper.weights import WeightTable
 
     out = Path(out)

@@ -106,7 +106,7 @@ def resolve(args: argparse.Namespace, run: str | Path | None) -> dict[str, Any]:
 
 
 def _program_path(args) -> Path | None:
-    from llmhyper.generate import DEFAULT_PROGRAM
+    from llmhyper.hyper.generate import DEFAULT_PROGRAM
 
     p = Path(args.program) if args.program else (DEFAULT_PROGRAM if DEFAULT_PROGRAM.exists() else None)
     if p is not None and not p.exists():
@@ -115,7 +115,7 @@ def _program_path(args) -> Path | None:
 
 
 def _program_config(args):
-    from llmhyper.program import ProgramConfig
+    from llmhyper.hyper.program import ProgramConfig
 
     return ProgramConfig(
         batch_size=args.batch_size,
@@ -140,7 +140,7 @@ class _LMs:
         self.args, self.handles = args, {}
 
     def get(self, spec: str | None):
-        from llmhyper.lm import build_lm
+        from llmhyper.llm.models import build_lm
 
         spec = spec or self.args.lm
         if spec not in self.handles:
@@ -163,14 +163,15 @@ class _LMs:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from llmhyper import baselines as bl
-    from llmhyper.cli import load_data
-    from llmhyper.retrieval import Neighbour
+    from llmhyper.ctr import baselines as bl
+    from llmhyper.cli.common import data_settings
+    from llmhyper.data import load_dataset
+    from llmhyper.retrieval.index import Neighbour
     from llmhyper.trust.explain import _run_records, explain_markdown, explain_study
-    from llmhyper.warm import train_warm
+    from llmhyper.ctr.warm import train_warm
 
     resolve(args, args.run)
-    data = load_data(args)
+    data = load_dataset(data_settings(args))
     records = _run_records(Path(args.run))
     ad_ids = [a for a in (args.ads.split(",") if args.ads else records) if a in records]
     if args.limit:
@@ -218,8 +219,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _prepare(args, data):
-    from llmhyper.encoders import get_encoder
-    from llmhyper.prepare import prepare
+    from llmhyper.retrieval.encoders import get_encoder
+    from llmhyper.ctr.prepare import prepare
 
     encoder = get_encoder(args.encoder)
     return encoder, prepare(
@@ -230,18 +231,19 @@ def _prepare(args, data):
 def _study_setup(args):
     """What robustness and ablate share: settings from the base run, the data, the ads, the program and
     the run config recorded next to the study."""
-    from llmhyper.cli import load_data
-    from llmhyper.generate import run_config
+    from llmhyper.cli.common import data_settings
+    from llmhyper.data import load_dataset
+    from llmhyper.hyper.generate import run_config
 
     resolve(args, args.base_run)
-    data = load_data(args)
+    data = load_dataset(data_settings(args))
     ad_ids = _ad_ids(args, data)
     program_path = _program_path(args)
     return data, ad_ids, program_path, run_config(args, program_path)
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
-    from llmhyper.program import LLMHyper
+    from llmhyper.hyper.program import LLMHyper
     from llmhyper.trust.robustness import TYPES, robustness_markdown, robustness_study
 
     types = tuple(t.strip() for t in args.types.split(",")) if args.types else TYPES

@@ -64,7 +64,7 @@ def _meta(ad: Any) -> dict[str, Any]:
 def target_features(ad: Any, feature_names: list[str]) -> list[str]:
     """The features an ad is about (ground truth for HitRate/Coverage), in the order given, restricted to
     `feature_names`. `ad`: a data.Ad or a dict with `metadata`."""
-    from llmhyper.movielens import genre_key
+    from llmhyper.data.movielens import genre_key
 
     meta = _meta(ad)
     if meta.get("target_features"):
@@ -332,10 +332,10 @@ def consistency_study(
     import dspy
     from tqdm import tqdm
 
-    from llmhyper.generate import check_resume
-    from llmhyper.lm import lm_calls
-    from llmhyper.manifest import write_json_atomic
-    from llmhyper.program import format_ad
+    from llmhyper.hyper.generate import check_resume
+    from llmhyper.llm.models import lm_calls
+    from llmhyper.store import write_json_atomic
+    from llmhyper.hyper.program import format_ad
 
     run, out = Path(run), Path(out)
     run_cfg = _read_json(run / "config.json")
@@ -458,7 +458,7 @@ def explain_study(
     """HitRate/Coverage for the run (raw weights) and each table, plus the Consistency Rate when an LM is
     given (on the first `consistency_limit` ads only, when set: it costs LLM calls, the rest is free);
     writes OUT/explain.json and OUT/explain.md and returns the summary."""
-    from llmhyper.manifest import now, write_json_atomic
+    from llmhyper.store import now, write_json_atomic
 
     run, out = Path(run), Path(out)
     out.mkdir(parents=True, exist_ok=True)

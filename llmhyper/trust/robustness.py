@@ -168,9 +168,11 @@ def robustness_study(
     import dspy
     from tqdm import tqdm
 
-    from llmhyper.generate import ad_view, captions_for, check_resume, demonstrations
-    from llmhyper.lm import lm_calls
-    from llmhyper.manifest import now, write_json_atomic
+    from llmhyper.hyper.views import ad_view, captions_for, demonstrations
+
+    from llmhyper.hyper.generate import check_resume
+    from llmhyper.llm.models import lm_calls
+    from llmhyper.store import now, write_json_atomic
 
     out = Path(out)
     bad = [t for t in types if t not in TYPES]
@@ -335,7 +337,7 @@ def text_unchanged(rewrite: dict[str, Any]) -> bool | None:
 
 
 def robustness_summary(out: str | Path, eps: float = EPS, n_boot: int = 1000) -> dict[str, Any]:
-    from llmhyper.manifest import now
+    from llmhyper.store import now
 
     pairs = load_pairs(out)
     for p in pairs:

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmhyper.data import CTRData
-from llmhyper.normalize import calibration_users, neighbour_alpha
+from llmhyper.data.contract import CTRData
+from llmhyper.ctr.normalize import calibration_users, neighbour_alpha
 from llmhyper.paths import cache_dir
-from llmhyper.retrieval import AdIndex, Neighbour
-from llmhyper.warm import train_warm
+from llmhyper.retrieval.index import AdIndex, Neighbour
+from llmhyper.ctr.warm import train_warm
 from llmhyper.weights import WeightTable
 
 DEFAULT_ENCODER = "minilm-effnet-conse"
@@ -54,7 +54,7 @@ def ad_texts(data: CTRData, ad_ids: list[str], hide_titles: bool = False) -> lis
 
 
 def embed(data: CTRData, ad_ids: list[str], encoder, *, images: bool = True, hide_titles: bool = False) -> np.ndarray:
-    from llmhyper.encoders import embed_ads
+    from llmhyper.retrieval.encoders import embed_ads
 
     paths = [data.ad_by_id[a].image if images else None for a in ad_ids]
     return embed_ads(encoder, ad_ids, ad_texts(data, ad_ids, hide_titles), paths, cache_dir() / "embeddings")
@@ -62,7 +62,7 @@ def embed(data: CTRData, ad_ids: list[str], encoder, *, images: bool = True, hid
 
 def prepare(data: CTRData, *, encoder=None, k: int = 3, n_cal: int = 500, seed: int = 0,
             progress: bool = True) -> Prepared:
-    from llmhyper.encoders import get_encoder
+    from llmhyper.retrieval.encoders import get_encoder
 
     encoder = encoder or get_encoder(DEFAULT_ENCODER)
     retired = train_warm(data, data.warm_ads, method="retired", progress=progress)

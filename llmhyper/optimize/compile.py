@@ -43,7 +43,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmhyper.errors import DataError, LLMHyperError
-from llmhyper.manifest import file_sha256, git_commit, now, versions, write_json_atomic
+from llmhyper.store import file_sha256, git_commit, now, versions, write_json_atomic
 
 PREDICTORS = ("predict_weights.predict", "judge")
 SIGN_TOL = 0.05  # trained weights smaller than this do not count for sign agreement
@@ -264,18 +264,18 @@ def resolve_path(value: str, recipe_path: Path) -> Path:
 def load_recipe_data(recipe: Recipe, recipe_path: Path):
     d = recipe.data
     if d.dataset == "folder":
-        from llmhyper.data import load_folder
+        from llmhyper.data.contract import load_folder
 
         folder = resolve_path(d.path or "", recipe_path)
         if not folder.is_dir():
             raise DataError(f"data folder not found: {folder}", file=str(recipe_path), field="data.path")
         return load_folder(folder, seed=d.seed)
     if d.dataset == "synthetic":
-        from llmhyper.synthetic import generate_synthetic
+        from llmhyper.data.synthetic import generate_synthetic
 
         opts = d.synthetic or SyntheticOptions()
         return generate_synthetic(n_users=opts.n_users, n_warm=opts.n_warm, n_cold=opts.n_cold, seed=d.seed).data
-    from llmhyper import movielens
+    from llmhyper.data import movielens
 
     posters = d.posters or "auto"
     if posters != "auto":
@@ -365,7 +365,7 @@ def make_examples(prep, ad_ids: list[str], captions: dict[str, str]) -> list:
     """dspy.Examples: inputs ad/examples/features (as in `generate`), label ad_id."""
     import dspy
 
-    from llmhyper.generate import ad_view, demonstrations
+    from llmhyper.hyper.views import ad_view, demonstrations
 
     features = [f.model_dump() for f in prep.data.features]
     return [dspy.Example(ad=ad_view(prep, a, captions), examples=demonstrations(prep, a, captions),
@@ -451,8 +451,8 @@ class CTRFeedbackMetric:
         return self._truth[ad_id]
 
     def assess(self, ad_id: str, pred) -> Assessment:
-        from llmhyper.generate import finish_ad
-        from llmhyper.metrics import auc
+        from llmhyper.hyper.views import finish_ad
+        from llmhyper.ctr.metrics import auc
 
         X, y, trained = self.truth(ad_id)
         n = len(self.names)
@@ -1081,7 +1081,7 @@ def build_lms(recipe: Recipe, threads: int | None = None):
     """(task handle, reflection handle). Two embedded LMs share one server (one model in memory)."""
     import dspy
 
-    from llmhyper.lm import EMBEDDED_MODEL, LMHandle, build_lm
+    from llmhyper.llm.models import EMBEDDED_MODEL, LMHandle, build_lm
 
     t, r = recipe.task_lm, recipe.reflection_lm
     both_embedded = t.spec == r.spec == "embedded"
@@ -1107,7 +1107,7 @@ def build_lms(recipe: Recipe, threads: int | None = None):
 
 
 def build_program(recipe: Recipe, recipe_path: Path):
-    from llmhyper.program import LLMHyper, ProgramConfig
+    from llmhyper.hyper.program import LLMHyper, ProgramConfig
 
     p = recipe.program
     program = LLMHyper(ProgramConfig(batch_size=p.batch_size, n_samples=p.samples, use_judge=p.judge,
@@ -1142,14 +1142,14 @@ def compile_recipe(recipe_path: str | Path, out_dir: str | Path = "programs", *,
                    reflection_lm=None, max_metric_calls: int | None = None, threads: int | None = None,
                    force: bool = False, progress: bool = True, dry_run: bool = False) -> CompileResult | dict:
     """Run (or resume) a compile. `task_lm` / `reflection_lm` (objects with `.lm` and `.description`, like
-    `llmhyper.lm.LMHandle`) replace the recipe's LMs, e.g. in tests. With `dry_run`, everything up to the
+    `llmhyper.llm.models.LMHandle`) replace the recipe's LMs, e.g. in tests. With `dry_run`, everything up to the
     first LLM call is checked and the plan returned."""
     import dspy
 
-    from llmhyper.encoders import get_encoder
-    from llmhyper.generate import captions_for
-    from llmhyper.lm import lm_usage
-    from llmhyper.prepare import prepare
+    from llmhyper.retrieval.encoders import get_encoder
+    from llmhyper.hyper.views import captions_for
+    from llmhyper.llm.models import lm_usage
+    from llmhyper.ctr.prepare import prepare
 
     t_start = time.time()
     recipe_path = Path(recipe_path)

@@ -34,7 +34,7 @@ import numpy as np
 
 from llmhyper._lazy import require
 from llmhyper.errors import LLMHyperError
-from llmhyper.scorer import FeatureError, Scorer, Snapshot
+from llmhyper.serve.scorer import FeatureError, Scorer, Snapshot
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_K = 100

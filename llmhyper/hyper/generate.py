@@ -22,81 +22,14 @@ from typing import Any
 import numpy as np
 
 from llmhyper.errors import LLMHyperError
-from llmhyper.manifest import file_sha256, git_commit, now, versions, write_json_atomic
-from llmhyper.normalize import normalize_and_calibrate
-from llmhyper.paths import cache_dir
-from llmhyper.prepare import Prepared
+from llmhyper.store import file_sha256, git_commit, now, versions, write_json_atomic
+from llmhyper.paths import PROGRAMS, cache_dir
+from llmhyper.ctr.prepare import Prepared
 from llmhyper.weights import WeightTable
+from llmhyper.hyper.views import ad_view, captions_for, demonstrations, finish_ad
 
 METHOD = "llm_hyper"
-DEFAULT_PROGRAM = Path(__file__).resolve().parent.parent / "programs" / "zero_shot.json"
-
-
-# -- inputs of the program --------------------------------------------------------------------
-
-def captions_for(prep: Prepared, encoder, ad_ids: list[str]) -> dict[str, str]:
-    """Zero-shot image tags for ads with an image, cached by image content per encoder."""
-    from llmhyper.encoders import ad_key
-
-    path = cache_dir() / "captions" / f"{encoder.name}.json"
-    cache = json.loads(path.read_text()) if path.exists() else {}
-    need = {a: prep.data.ad_by_id[a].image for a in ad_ids if prep.data.ad_by_id[a].image}
-    keys = {a: ad_key("", img) for a, img in need.items()}
-    todo = [a for a in need if keys[a] not in cache]
-    if todo:
-        print(f"llmhyper: captioning {len(todo)} images ...", file=sys.stderr)
-        for start in range(0, len(todo), 32):
-            chunk = todo[start:start + 32]
-            for a, cap in zip(chunk, encoder.captions([need[a] for a in chunk]), strict=True):
-                cache[keys[a]] = cap
-            write_json_atomic(path, cache)
-    return {a: cache[keys[a]] for a in need}
-
-
-def ad_view(prep: Prepared, ad_id: str, captions: dict[str, str]) -> dict[str, Any]:
-    ad = prep.data.ad_by_id[ad_id]
-    return {"id": ad.id, "title": ad.title, "text": ad.text, "caption": ad.caption or captions.get(ad_id)}
-
-
-def demonstrations(prep: Prepared, ad_id: str, captions: dict[str, str]) -> list[dict[str, Any]]:
-    """The retrieved warm ads as the LLM sees them: content, similarity, click rate, trained weights."""
-    data, pool = prep.data, prep.retired
-    out = []
-    for nb in prep.neighbours[ad_id]:
-        row = pool.index_of([nb.ad_id])[0]
-        j = data.ad_index[nb.ad_id]
-        shown = data.M[data.train_users, j]
-        ctr = float(data.Y[data.train_users, j][shown].mean()) if shown.any() else float("nan")
-        out.append({**ad_view(prep, nb.ad_id, captions), "similarity": float(nb.similarity), "ctr": ctr,
-                    "weights": {f: round(float(w), 2) for f, w in zip(pool.feature_names, pool.theta[row],
-                                                                     strict=True)}})
-    return out
-
-
-def knn_prior_vector(prep: Prepared, ad_id: str) -> np.ndarray:
-    from llmhyper.baselines import knn_prior
-
-    return knn_prior(prep.retired, {ad_id: prep.neighbours[ad_id]}, [ad_id]).theta[0]
-
-
-# -- one ad -----------------------------------------------------------------------------------
-
-def finish_ad(prep: Prepared, ad_id: str, pred, feature_names: list[str]) -> dict[str, Any]:
-    """Raw LLM weights -> (prior fill for failed features, recorded) -> L2 norm -> intercept shift."""
-    raw = dict(pred.weights)
-    filled = {}
-    if len(raw) < len(feature_names):
-        prior = knn_prior_vector(prep, ad_id)
-        for j, f in enumerate(feature_names):
-            if f not in raw:
-                filled[f] = float(prior[j])
-    theta = np.array([raw.get(f, filled.get(f)) for f in feature_names], dtype=np.float64)
-    alpha = prep.alphas[ad_id]
-    theta_n, delta = normalize_and_calibrate(theta, prep.X_cal, alpha)
-    status = "ok" if not filled else ("failed" if not raw else "partial")
-    return {"status": status, "raw_weights": raw, "filled_from_knn_prior": filled,
-            "normalized_weights": dict(zip(feature_names, theta_n.round(6).tolist(), strict=True)),
-            "delta": delta, "alpha": alpha}
+DEFAULT_PROGRAM = PROGRAMS / "zero_shot.json"
 
 
 def run_config(args: argparse.Namespace, program_path: Path | None) -> dict[str, Any]:
@@ -111,7 +44,7 @@ def run_config(args: argparse.Namespace, program_path: Path | None) -> dict[str,
 
 def frequency_penalty(args: argparse.Namespace) -> float | None:
     """The penalty a run uses (recorded in its config, so a resume with another one is refused)."""
-    from llmhyper.lm import EMBEDDED_FREQUENCY_PENALTY
+    from llmhyper.llm.models import EMBEDDED_FREQUENCY_PENALTY
 
     explicit = getattr(args, "frequency_penalty", None)  # callers may build a Namespace without it
     if explicit is not None:
@@ -169,7 +102,7 @@ def generate(prep: Prepared, encoder, program, lm_handle, judge_handle, ad_ids: 
     import dspy
     from tqdm import tqdm
 
-    from llmhyper.lm import lm_calls, lm_usage
+    from llmhyper.llm.models import lm_calls, lm_usage
 
     data = prep.data
     features = [f.model_dump() for f in data.features]
@@ -260,11 +193,12 @@ def add_generate_parser(sub, add_data_args) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from llmhyper.cli import load_data
-    from llmhyper.encoders import get_encoder
-    from llmhyper.lm import build_lm
-    from llmhyper.prepare import prepare
-    from llmhyper.program import LLMHyper, ProgramConfig
+    from llmhyper.cli.common import data_settings
+    from llmhyper.data import load_dataset
+    from llmhyper.retrieval.encoders import get_encoder
+    from llmhyper.llm.models import build_lm
+    from llmhyper.ctr.prepare import prepare
+    from llmhyper.hyper.program import LLMHyper, ProgramConfig
 
     out = Path(args.out)
     program_path = Path(args.program) if args.program else (DEFAULT_PROGRAM if DEFAULT_PROGRAM.exists() else None)
@@ -272,7 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LLMHyperError(f"program file not found: {program_path}")
     config = run_config(args, program_path)
     check_resume(out, config, args.force)
-    data = load_data(args)
+    data = load_dataset(data_settings(args))
     ad_ids = args.ads.split(",") if args.ads else list(data.cold_ads)
     unknown = [a for a in ad_ids if a not in data.ad_index]
     if unknown:
@@ -284,7 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.ads:  # ads outside the cold set (e.g. retired ads treated as cold) need neighbours and alpha
         extra = [a for a in ad_ids if a not in prep.neighbours]
         if extra:
-            from llmhyper.prepare import embed
+            from llmhyper.ctr.prepare import embed
 
             prep.vectors.update(zip(extra, embed(data, extra, encoder), strict=True))
             prep.neighbours.update(prep.neighbours_of(extra))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from llmhyper.errors import LLMHyperError
-from llmhyper.normalize import l2_normalize_rows
+from llmhyper.ctr.normalize import l2_normalize_rows
 
 METRIC_KEYS = ("ad_auc", "auc", "ndcg10")
 METRIC_NAMES = {
@@ -76,8 +76,8 @@ def gather(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Everything the page shows, as plain data (JSON-able)."""
-    from llmhyper.metrics import METRICS, bootstrap_interval, ece
-    from llmhyper.warm import train_warm
+    from llmhyper.ctr.metrics import METRICS, bootstrap_interval, ece
+    from llmhyper.ctr.warm import train_warm
     from llmhyper.weights import WeightTable
 
     if not runs:
@@ -674,11 +674,12 @@ def add_report_parser(sub, add_data_args) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from llmhyper.cli import load_data
+    from llmhyper.cli.common import data_settings
+    from llmhyper.data import load_dataset
     from llmhyper.trust.cli import resolve
 
     resolve(args, args.runs[0])
-    data = load_data(args)
+    data = load_dataset(data_settings(args))
     ablation = _load_summary(args.ablation, "ablation")
     eval_result = json.loads(Path(args.eval).read_text()) if args.eval else None
     rep = gather(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmhyper.data import Ad, CTRData, FeatureSpec, split_users
+from llmhyper.data.contract import Ad, CTRData, FeatureSpec, split_users
 from llmhyper.weights import WeightTable, sigmoid
 
 TOPICS = {

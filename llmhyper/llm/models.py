@@ -417,7 +417,7 @@ def build_lm(spec: str = "embedded", *, api_base: str | None = None, api_key: st
     reproducible, but then every rollout of the same prompt gets the same answer from llama.cpp.
     For "embedded", ``api_key`` is ignored: the local server gets a random per-process bearer token.
     """
-    import dspy  # a core dependency; imported here so `import llmhyper.lm` stays light
+    import dspy  # a core dependency; imported here so `import llmhyper.llm.models` stays light
     description: dict[str, Any] = {"spec": spec, "temperature": temperature, "max_tokens": max_tokens,
                                    "cache": cache}
     if spec == "embedded":

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmhyper.normalize import calibrate_intercept, l2_normalize, logit
-from llmhyper.retrieval import Neighbour
+from llmhyper.ctr.normalize import calibrate_intercept, l2_normalize, logit
+from llmhyper.retrieval.index import Neighbour
 from llmhyper.weights import WeightTable
 
 

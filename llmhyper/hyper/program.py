@@ -15,7 +15,7 @@ from typing import Any
 import dspy
 import numpy as np
 
-from llmhyper.signatures import JudgeWeights, PredictFeatureWeights
+from llmhyper.hyper.signatures import JudgeWeights, PredictFeatureWeights
 
 
 @dataclass

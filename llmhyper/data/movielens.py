@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from llmhyper.data import Ad, CTRData, FeatureSpec, split_users, standardize
+from llmhyper.data.contract import Ad, CTRData, FeatureSpec, split_users, standardize
 from llmhyper.errors import DataError, LLMHyperError
 from llmhyper.paths import cache_dir, shared_posters_dir
 

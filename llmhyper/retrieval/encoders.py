@@ -32,7 +32,7 @@ import numpy as np
 from llmhyper import paths
 from llmhyper._lazy import require
 from llmhyper.errors import DataError, LLMHyperError
-from llmhyper.imagenet_classes import IMAGENET_CLASSNAMES
+from llmhyper.retrieval.imagenet_classes import IMAGENET_CLASSNAMES
 
 DEFAULT_ENCODER = "minilm-effnet-conse"
 CLASS_PROMPT = "a photo of a {}."

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from llmhyper import baselines as bl
-from llmhyper.metrics import METRICS, bootstrap_interval, paired_bootstrap
-from llmhyper.prepare import Prepared, embed
+from llmhyper.ctr import baselines as bl
+from llmhyper.ctr.metrics import METRICS, bootstrap_interval, paired_bootstrap
+from llmhyper.ctr.prepare import Prepared, embed
 from llmhyper.weights import WeightTable
 
 REFERENCE = "lr_cold"

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
-from llmhyper.data import CTRData
+from llmhyper.data.contract import CTRData
 from llmhyper.weights import WeightTable
 
 
