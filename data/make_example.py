@@ -1,6 +1,11 @@
-"""Write data/example/: a tiny data set in the llmhyper contract, drawn from the synthetic generator.
+"""Write data/example/: a small data set in the llmhyper contract, drawn from the synthetic generator.
 
     python data/make_example.py     # rewrites data/example/ (deterministic, seed 0)
+
+400 users, 30 warm ads and 6 cold ads (marked `{"cold": true}`). Each warm ad was shown to half the users,
+enough clicks (at least 20 among the train users) for its warm model; each cold ad was shown to every user,
+and those impressions serve only for evaluation. Big enough for `llmhyper evaluate --data data/example` and
+`llmhyper generate --data data/example ...`, small enough to read.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import pandas as pd
 from llmhyper.data.synthetic import generate_synthetic
 
 OUT = Path(__file__).parent / "example"
+N_USERS, N_WARM, N_COLD = 400, 30, 6
 
 
 def main() -> None:
-    syn = generate_synthetic(n_users=60, n_warm=10, n_cold=2, seed=0)
+    syn = generate_synthetic(n_users=N_USERS, n_warm=N_WARM, n_cold=N_COLD, seed=0)
     d = syn.data
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "ads.jsonl", "w") as f:
@@ -31,7 +37,7 @@ def main() -> None:
     users.to_csv(OUT / "users.csv", index=False)
     rows = [{"user": d.user_ids[u], "ad": d.ads[a].id, "clicked": int(d.Y[u, a]),
              "time": f"2024-02-{1 + (u + a) % 28:02d}T12:00:00"}
-            for u in range(len(d.user_ids)) for a in range(len(d.ads)) if (u + a) % 3 == 0]
+            for u in range(len(d.user_ids)) for a in range(len(d.ads)) if a >= N_WARM or (u + a) % 2 == 0]
     pd.DataFrame(rows).to_csv(OUT / "impressions.csv", index=False)
     print(f"wrote {OUT}: {len(d.ads)} ads, {len(d.user_ids)} users, {len(rows)} impressions")
 

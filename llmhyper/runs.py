@@ -17,7 +17,7 @@ import fcntl
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from llmhyper.errors import DataError, LLMHyperError
 from llmhyper.store import (
@@ -66,7 +66,10 @@ class RunDir:
     def acquire(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise LLMHyperError(f"{self.path} is a file, not a run folder")
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a parent is a file
+            raise LLMHyperError(f"cannot make the run folder {self.path}: {exc.strerror}") from None
         fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,20 +121,24 @@ class RunDir:
         path = self.record_path(item_id)
         return read_json(path, "run record") if path.exists() else None
 
-    def records(self) -> dict[str, dict[str, Any]]:
-        """Every record in the folder by item id (the id stored inside, not the file name)."""
+    def records(self, key: Callable[[dict[str, Any]], str] | None = None) -> dict[str, dict[str, Any]]:
+        """Every record in the folder by item id (the id stored inside, not the file name; `key` makes the
+        id of a record when an item is more than an ad, e.g. ad x feature x type)."""
         out: dict[str, dict[str, Any]] = {}
         if not self.records_dir.is_dir():
             return out
         for p in sorted(self.records_dir.glob("*.json")):
             rec = read_json(p, "run record")
-            if not isinstance(rec, dict) or "ad_id" not in rec and "id" not in rec:
-                raise DataError("run record without an id", file=str(p))
-            out[str(rec.get("ad_id", rec.get("id")))] = rec
+            try:
+                item_id = key(rec) if key else (rec["ad_id"] if "ad_id" in rec else rec["id"])
+            except (KeyError, TypeError, AttributeError):
+                raise DataError("run record without an id", file=str(p)) from None
+            out[str(item_id)] = rec
         return out
 
-    def finished(self, statuses: tuple[str, ...] = DONE) -> dict[str, dict[str, Any]]:
-        return {k: r for k, r in self.records().items() if r.get("status", "ok") in statuses}
+    def finished(self, statuses: tuple[str, ...] = DONE,
+                 key: Callable[[dict[str, Any]], str] | None = None) -> dict[str, dict[str, Any]]:
+        return {k: r for k, r in self.records(key).items() if r.get("status", "ok") in statuses}
 
     def write_record(self, item_id: str, record: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
         """Save one item's record atomically (and the run's settings with the first one)."""

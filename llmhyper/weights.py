@@ -122,6 +122,20 @@ class WeightTable:
         missing = [k for k in ("theta", "intercept", "ad_ids", "feature_names") if k not in arrays]
         if missing:
             raise DataError(f"weight arrays lack {missing}", file=str(npz))
+        for name in ("ad_ids", "feature_names"):
+            if arrays[name].ndim != 1:
+                raise DataError(f"'{name}' must be a 1-d array, has shape {arrays[name].shape}",
+                                file=str(npz), field=name)
+        method = info.get("method", d.name)
+        if not isinstance(method, str) or not method.strip():
+            raise DataError("'method' must be a non-empty string", file=str(js), field="method")
+        names = [str(f) for f in arrays["feature_names"]]
+        if "feature_names" in info and info["feature_names"] != names:
+            raise DataError(f"feature names differ from those in {NPZ_NAME}", file=str(js),
+                            field="feature_names")
+        if "n_ads" in info and info["n_ads"] != len(arrays["ad_ids"]):
+            raise DataError(f"n_ads is {info['n_ads']!r} but {NPZ_NAME} holds {len(arrays['ad_ids'])} ads",
+                            file=str(js), field="n_ads")
         flags, meta = info.get("flags", {}), info.get("meta", {})
         if not isinstance(flags, dict) or not all(isinstance(v, list) for v in flags.values()):
             raise DataError("'flags' must map ad ids to lists of feature names", file=str(js), field="flags")
@@ -138,7 +152,6 @@ class WeightTable:
                 raise DataError(f"{int(bad.sum())} values are not finite or exceed {MAX_ABS_WEIGHT:g} in magnitude",
                                 file=str(npz), field=name)
         try:
-            return cls(str(info.get("method", d.name)), [str(a) for a in arrays["ad_ids"]],
-                       [str(f) for f in arrays["feature_names"]], theta, intercept, flags, meta)
+            return cls(method, [str(a) for a in arrays["ad_ids"]], names, theta, intercept, flags, meta)
         except ValueError as exc:
             raise DataError(str(exc), file=str(npz)) from None

@@ -19,7 +19,11 @@ _real_connect = socket.socket.connect
 def _loopback_only(sock, address):
     host = address[0] if isinstance(address, tuple) else address
     try:
-        if isinstance(host, str) and host not in ("localhost",) and not ipaddress.ip_address(host).is_loopback:
+        if (
+            isinstance(host, str)
+            and host not in ("localhost",)
+            and not ipaddress.ip_address(host).is_loopback
+        ):
             raise RuntimeError(f"network access attempted in a test: {address}")
     except ValueError:  # a host name other than localhost
         raise RuntimeError(f"network access attempted in a test: {address}") from None
@@ -27,8 +31,12 @@ def _loopback_only(sock, address):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--embedded", action="store_true", default=False,
-                     help="also run tests that use the real embedded LLM (minutes)")
+    parser.addoption(
+        "--embedded",
+        action="store_true",
+        default=False,
+        help="also run tests that use the real embedded LLM (minutes)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,31 +67,32 @@ def _isolated(monkeypatch):
 @pytest.fixture()
 def default_run(tmp_path, monkeypatch):
     """A scripted run on the default synthetic world, as `llmhyper generate --dataset synthetic` makes it."""
-    from llmhyper.hyper.generate import check_resume
     from llmhyper.ctr.prepare import prepare
     from llmhyper.data.synthetic import generate_synthetic
+    from llmhyper.hyper.generate import generate
+    from llmhyper.hyper.program import LLMHyper, ProgramConfig
     from tests.fakes import HashEncoder
-    from tests.scripted_trust import TrustEngine, main_topic_policy, make_run
+    from tests.scripted_lm import Handle, scripted_lm
+    from tests.scripted_trust import TrustEngine, main_topic_policy
 
     monkeypatch.setenv("LLMHYPER_CACHE", str(tmp_path / "cache"))
     syn = generate_synthetic(seed=0)
     enc = HashEncoder()
     prep = prepare(syn.data, encoder=enc, k=3, progress=False)
     run = tmp_path / "run"
-    check_resume(
-        run,
-        {
-            "dataset": "synthetic",
-            "seed": 0,
-            "k": 3,
-            "encoder": enc.name,
-            "lm": "scripted",
-            "batch_size": 4,
-            "samples": 1,
-            "judge": True,
-            "hide_titles": False,
-        },
-        force=False,
+    config = {
+        "dataset": "synthetic",
+        "seed": 0,
+        "k": 3,
+        "encoder": enc.name,
+        "lm": "scripted",
+        "batch_size": 4,
+        "samples": 1,
+        "judge": True,
+        "hide_titles": False,
+    }
+    h = Handle(scripted_lm(TrustEngine(weight_policy=main_topic_policy)))
+    generate(
+        prep, enc, LLMHyper(ProgramConfig(batch_size=4)), h, h, syn.data.cold_ads, run, config, progress=False
     )
-    make_run(prep, enc, TrustEngine(weight_policy=main_topic_policy), run, syn.data.cold_ads)
     return run, syn

@@ -52,11 +52,25 @@ def dump_dom(page, profile_dir) -> str:
     """Load a local HTML file in headless Chromium and return the DOM after scripts ran."""
     import subprocess
 
-    proc = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           f"--user-data-dir={profile_dir}", "--dump-dom", page.as_uri()],
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--user-data-dir={profile_dir}",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
 
-NO_CHROMIUM = "no headless Chromium on PATH (CI: apt-get install -y chromium); the HTML is parsed with html.parser"
+NO_CHROMIUM = (
+    "no headless Chromium on PATH (CI: apt-get install -y chromium); the HTML is parsed with html.parser"
+)

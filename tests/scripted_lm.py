@@ -16,8 +16,11 @@ class UnexpectedPrompt(AssertionError):
 
 
 def _text(request) -> tuple[str, str]:
-    system = request.system if isinstance(request.system, str) else "".join(
-        getattr(p, "text", "") or "" for p in (request.system or ()))
+    system = (
+        request.system
+        if isinstance(request.system, str)
+        else "".join(getattr(p, "text", "") or "" for p in (request.system or ()))
+    )
     user = "\n".join(m.text or "" for m in request.messages if m.role == "user")
     return system, user
 
@@ -36,7 +39,9 @@ class ScriptedEngine:
     returns (inconsistent, improper) lists. `fail_first` makes the first N weight calls unparseable and
     `interrupt_after` raises KeyboardInterrupt on that weight call (a kill)."""
 
-    def __init__(self, weight_policy=None, judge_policy=None, fail_first: int = 0, interrupt_after: int | None = None):
+    def __init__(
+        self, weight_policy=None, judge_policy=None, fail_first: int = 0, interrupt_after: int | None = None
+    ):
         self.weight_policy = weight_policy or (lambda f, u: 0.1)
         self.judge_policy = judge_policy or (lambda u: ([], []))
         self.fail_first, self.interrupt_after = fail_first, interrupt_after
@@ -49,14 +54,23 @@ class ScriptedEngine:
             if "inconsistent_features" in system:
                 self.judge_calls += 1
                 bad, improper = self.judge_policy(user)
-                text = (f"[[ ## inconsistent_features ## ]]\n{json.dumps(bad)}\n\n[[ ## improper_features ## ]]\n"
-                        f"{json.dumps(improper)}\n\n[[ ## completed ## ]]")
+                text = (
+                    f"[[ ## inconsistent_features ## ]]\n{json.dumps(bad)}\n\n[[ ## improper_features ## ]]\n"
+                    f"{json.dumps(improper)}\n\n[[ ## completed ## ]]"
+                )
             elif "`weights` (dict[str, float])" in system and "[[ ## features ## ]]" in user:
                 text = self._weights(user)
             else:
-                raise UnexpectedPrompt(f"no scripted answer for this prompt:\n{system[:300]}\n---\n{user[:300]}")
-        return Response(id=None, model=request.model, message=Message.assistant([TextPart(text)]),
-                        finish_reason="stop", usage=Usage(input_tokens=len(system + user) // 4, output_tokens=40))
+                raise UnexpectedPrompt(
+                    f"no scripted answer for this prompt:\n{system[:300]}\n---\n{user[:300]}"
+                )
+        return Response(
+            id=None,
+            model=request.model,
+            message=Message.assistant([TextPart(text)]),
+            finish_reason="stop",
+            usage=Usage(input_tokens=len(system + user) // 4, output_tokens=40),
+        )
 
     def _weights(self, user: str) -> str:
         self.weight_calls += 1
@@ -67,9 +81,13 @@ class ScriptedEngine:
         names = batch_features(user)
         if not names:
             raise UnexpectedPrompt(f"weight call without features:\n{user[:500]}")
-        weights = {n: v for n in names if (v := self.weight_policy(n, user)) is not None}  # None: key left out
-        return (f"[[ ## reasoning ## ]]\nScripted.\n\n[[ ## weights ## ]]\n{json.dumps(weights)}\n\n"
-                f"[[ ## completed ## ]]")
+        weights = {
+            n: v for n in names if (v := self.weight_policy(n, user)) is not None
+        }  # None: key left out
+        return (
+            f"[[ ## reasoning ## ]]\nScripted.\n\n[[ ## weights ## ]]\n{json.dumps(weights)}\n\n"
+            f"[[ ## completed ## ]]"
+        )
 
     def stream(self, request):
         return response_to_events(self.complete(request))
@@ -79,11 +97,13 @@ class ScriptedEngine:
 
 
 def scripted_lm(engine: ScriptedEngine) -> dspy.LM:
-    return dspy.LM("local/scripted", engine=engine, temperature=0.0, max_tokens=400, cache=False, num_retries=0)
+    return dspy.LM(
+        "local/scripted", engine=engine, temperature=0.0, max_tokens=400, cache=False, num_retries=0
+    )
 
 
 class Handle:
-    """Stands in for llmhyper.llm.models.LMHandle."""
+    """Stands in for llmhyper.llm.build.LMHandle."""
 
     def __init__(self, lm):
         self.lm = lm

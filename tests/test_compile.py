@@ -11,18 +11,23 @@ import dspy
 import numpy as np
 import pytest
 
-from llmhyper.optimize.compile import (
-    CTRFeedbackMetric,
-    eligible_ads,
-    load_recipe,
-    make_examples,
-    register_ads,
-    select_split,
-)
-from llmhyper.errors import DataError
+import llmhyper.optimize.compile as comp
+import llmhyper.optimize.lms as lms
+from llmhyper.cli.main import main
 from llmhyper.ctr.prepare import prepare
 from llmhyper.data.synthetic import generate_synthetic
+from llmhyper.errors import DataError, LLMHyperError
+from llmhyper.hyper.generate import generate
+from llmhyper.hyper.program import LLMHyper, ProgramConfig
+from llmhyper.llm.models import LMHandle
+from llmhyper.optimize.compile import compile_recipe
+from llmhyper.optimize.lms import build_lms
+from llmhyper.optimize.metric import CTRFeedbackMetric
+from llmhyper.optimize.recipe import load_recipe
+from llmhyper.optimize.split import eligible_ads, make_examples, register_ads, select_split
+from llmhyper.runs import RunBusy, RunDir
 from tests.fakes import HashEncoder
+from tests.scripted_lm import Handle, ScriptedEngine, scripted_lm
 from tests.scripted_reflection import RULE, CompileEngine, scripted_pair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,8 +83,6 @@ def recipe_file(tmp_path, monkeypatch):
 
 
 def compile_with(recipe: Path, out: Path, engine: CompileEngine, **kw):
-    from llmhyper.optimize.compile import compile_recipe
-
     task, refl = scripted_pair(engine)
     return compile_recipe(recipe, out, encoder=HashEncoder(), task_lm=task, reflection_lm=refl, progress=False, **kw)
 
@@ -160,9 +163,6 @@ def test_judge_feedback_names_false_alarms_and_misses(world):
 
 
 def test_parse_failures_score_zero_with_feedback_and_never_crash(world):
-    from llmhyper.hyper.program import LLMHyper, ProgramConfig
-    from tests.scripted_lm import ScriptedEngine, scripted_lm
-
     _, prep = world
     ad, names, trained = _ad_and_truth(prep)
     metric = CTRFeedbackMetric(prep)
@@ -189,9 +189,42 @@ def test_parse_failures_score_zero_with_feedback_and_never_crash(world):
     assert out.score == 0.0 and "could not be scored" in out.feedback
 
 
-def test_metric_has_the_signature_gepa_wants(world):
+def test_metric_answers_the_calls_gepa_makes(world):
+    """GEPA checks the metric's signature when it is built, then asks it for feedback per predictor as DSPy's
+    adapter does: (gold, pred, captured trace, predictor name, [(predictor, its inputs, its outputs)])."""
     _, prep = world
-    dspy.GEPA(metric=CTRFeedbackMetric(prep), max_metric_calls=10, reflection_lm=dspy.LM("local/x", engine=CompileEngine()))
+    ad = eligible_ads(prep, 4, 4)[3]
+    register_ads(prep, [ad])
+    metric = CTRFeedbackMetric(prep)
+    task, refl = scripted_pair(CompileEngine())
+    dspy.GEPA(metric=metric, max_metric_calls=10, reflection_lm=refl.lm)  # raises on a wrong signature
+    gold = make_examples(prep, [ad], {})[0]
+    program = LLMHyper(ProgramConfig(batch_size=4))
+    with dspy.context(lm=task.lm, trace=[]):
+        pred = program(**gold.inputs())
+        trace = list(dspy.settings.trace)
+    weight_calls = [t for t in trace if t[0] is program.predict_weights.predict]
+    judge_calls = [t for t in trace if t[0] is program.judge]
+    assert len(weight_calls) == 2 and judge_calls  # 7 features in batches of 4, and the judge's review
+    named_wrong = set()
+    for name, calls in (("predict_weights.predict", weight_calls), ("judge", judge_calls)):
+        for predictor, inputs, outputs in calls:
+            out = metric(gold, pred, trace, name, [(predictor, inputs, outputs)])
+            assert isinstance(out, dspy.Prediction) and isinstance(out.score, float)
+            assert 0.0 <= out.score <= 1.0 and out.score == metric(gold, pred, None, None, None).score
+            assert isinstance(out.feedback, str) and out.feedback.startswith(("Score", "The weights you reviewed"))
+            if name == "judge":
+                assert "You flagged no feature as inconsistent" in out.feedback
+                continue
+            # the scripted model flips every sign: the feedback names this call's features, and only them
+            batch = [f for f in prep.data.feature_names if f"- {f}:" in inputs["features"]]
+            assert f"In this batch of {len(batch)} features" in out.feedback
+            for line in out.feedback.splitlines():
+                if line.startswith("Wrong sign (your weight vs trained): "):
+                    named = {part.split(" ")[0] for part in line.split(": ", 1)[1].rstrip(".").split("; ")}
+                    assert named <= set(batch)
+                    named_wrong |= named
+    assert named_wrong  # every sign is flipped, so some feature that matters is named
 
 
 # -- recipes -------------------------------------------------------------------------------------------------
@@ -254,8 +287,6 @@ def test_recipe_cross_checks_and_syntax(recipe_file):
 
 
 def test_split_ids_are_checked_against_the_data_before_any_llm_call(world, recipe_file, tmp_path, monkeypatch):
-    import llmhyper.optimize.compile as comp
-
     ok = eligible_ads(world[1], 4, 4)  # the same synthetic world as the recipe's
 
     def no_lm(*a, **k):
@@ -299,8 +330,6 @@ def test_split_is_seeded_disjoint_and_keeps_val_when_train_grows(world, recipe_f
 # -- compile end to end ------------------------------------------------------------------------------------
 
 def test_compile_improves_val_score_and_writes_program_manifest_and_log(recipe_file, tmp_path):
-    from llmhyper.hyper.program import LLMHyper
-
     recipe = recipe_file()
     eng = CompileEngine()
     res = compile_with(recipe, tmp_path / "programs", eng)
@@ -355,12 +384,18 @@ def test_compile_improves_val_score_and_writes_program_manifest_and_log(recipe_f
         assert k in kinds
     assert kinds[0] == "run_start" and kinds[-1] == "run_end" and events[-1]["status"] == "complete"
     assert (evo / "gepa" / "gepa_state.bin").exists()
+    assert (evo / "gepa" / "lm_cache").is_dir() and not dspy.cache.enable_disk_cache  # the test's cache is back
+
+
+def test_a_folder_in_use_by_another_compile_is_refused(recipe_file, tmp_path):
+    eng = CompileEngine()
+    with RunDir(tmp_path / "p" / "tiny.evolution"):  # as another process running this compile would hold it
+        with pytest.raises(RunBusy, match="in use by another llmhyper process"):
+            compile_with(recipe_file(), tmp_path / "p", eng)
+    assert eng.total == 0
 
 
 def test_compiled_program_runs_in_generate(recipe_file, tmp_path, world):
-    from llmhyper.hyper.generate import generate
-    from llmhyper.hyper.program import LLMHyper, ProgramConfig
-    from tests.scripted_lm import Handle
 
     res = compile_with(recipe_file(), tmp_path / "programs", CompileEngine())
     syn, prep = world
@@ -424,8 +459,6 @@ def test_kill_and_resume_continue_without_redoing_work(recipe_file, tmp_path):
 
 
 def test_resume_refuses_other_settings(recipe_file, tmp_path):
-    from llmhyper.errors import LLMHyperError
-
     compile_with(recipe_file(), tmp_path / "p", CompileEngine())
     changed = recipe_file(RECIPE.replace("batch_size = 4", "batch_size = 3"))
     with pytest.raises(LLMHyperError, match="other settings.*program.batch_size"):
@@ -438,10 +471,7 @@ def test_resume_refuses_other_settings(recipe_file, tmp_path):
 # -- command line ----------------------------------------------------------------------------------------------
 
 def test_cli_compile_dry_run_and_errors(recipe_file, tmp_path, monkeypatch, capsys):
-    import llmhyper.retrieval.encoders
-    from llmhyper.cli.main import main
-
-    monkeypatch.setattr(llmhyper.retrieval.encoders, "get_encoder", lambda spec, **kw: HashEncoder())
+    monkeypatch.setattr(comp, "get_encoder", lambda spec, **kw: HashEncoder())
     recipe = recipe_file()
     assert main(["compile", str(recipe), "--out", str(tmp_path / "p"), "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -455,9 +485,6 @@ def test_cli_compile_dry_run_and_errors(recipe_file, tmp_path, monkeypatch, caps
 
 
 def test_build_lms_shares_one_embedded_server_and_reads_keys_from_env(recipe_file, monkeypatch):
-    import llmhyper.llm.models
-    from llmhyper.optimize.compile import build_lms
-
     built = []
 
     class FakeServer:
@@ -465,14 +492,15 @@ def test_build_lms_shares_one_embedded_server_and_reads_keys_from_env(recipe_fil
 
     def fake_build_lm(spec, **kw):
         built.append((spec, kw))
-        return llmhyper.llm.models.LMHandle(lm=dspy.LM("hosted_vllm/m", api_base=FakeServer.base_url, api_key="k"),
-                                    description={"spec": spec, "model": "m"}, server=FakeServer())
+        return LMHandle(lm=dspy.LM("hosted_vllm/m", api_base=FakeServer.base_url, api_key="k"),
+                        description={"spec": spec, "model": "m"}, server=FakeServer())
 
-    monkeypatch.setattr(llmhyper.llm.models, "build_lm", fake_build_lm)
+    monkeypatch.setattr(lms, "build_lm", fake_build_lm)
     recipe = load_recipe(REPO / "optimizers" / "ml100k_small.toml")
     task, refl = build_lms(recipe)
     assert len(built) == 1 and built[0][1]["n_ctx"] == 8192  # one server, big enough for the reflection prompt
     assert refl.lm.kwargs["temperature"] == 1.0 and refl.lm.kwargs["max_tokens"] == 1024
+    assert refl.lm.kwargs["api_base"] == FakeServer.base_url and refl.lm.kwargs["api_key"] == "secret"
     assert refl.description["shares_server_with"] == "task_lm"
 
     monkeypatch.undo()
@@ -482,7 +510,5 @@ def test_build_lms_shares_one_embedded_server_and_reads_keys_from_env(recipe_fil
     assert task.lm.model == "local/compile-task" and refl.lm.model == "openai/gpt-4o"
     assert refl.description["model"] == "gpt-4o" and refl.lm.kwargs["temperature"] == 1.0
     monkeypatch.delenv("MY_KEY")
-    from llmhyper.errors import LLMHyperError
-
     with pytest.raises(LLMHyperError, match="MY_KEY"):
         build_lms(load_recipe(recipe_file(text)))

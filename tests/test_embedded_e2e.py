@@ -10,10 +10,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from llmhyper.hyper.generate import generate
 from llmhyper.ctr.prepare import prepare
-from llmhyper.hyper.program import LLMHyper, ProgramConfig
 from llmhyper.data.synthetic import generate_synthetic
+from llmhyper.hyper.generate import generate
+from llmhyper.hyper.program import LLMHyper, ProgramConfig
+from llmhyper.llm.build import build_lm
 from tests.fakes import HashEncoder
 
 pytestmark = pytest.mark.embedded
@@ -26,8 +27,6 @@ def five_feature_world():
 
 
 def test_real_model_writes_weights_for_one_ad(tmp_path, monkeypatch):
-    from llmhyper.llm.models import build_lm
-
     monkeypatch.setenv("LLMHYPER_CACHE", str(tmp_path / "cache"))
     data = five_feature_world()
     enc = HashEncoder()
@@ -35,8 +34,9 @@ def test_real_model_writes_weights_for_one_ad(tmp_path, monkeypatch):
     program = LLMHyper(ProgramConfig(batch_size=5))
     program.load("programs/zero_shot.json")
     with build_lm("embedded", n_threads=2, max_tokens=300, cache=False) as handle:
-        totals = generate(prep, enc, program, handle, handle, data.cold_ads, tmp_path / "run", {"e2e": True},
-                          progress=False)
+        totals = generate(
+            prep, enc, program, handle, handle, data.cold_ads, tmp_path / "run", {"e2e": True}, progress=False
+        )
     rec = json.loads((tmp_path / "run" / "ads" / f"{data.cold_ads[0]}.json").read_text())
     assert rec["status"] in ("ok", "partial"), rec.get("reason") or rec.get("failed_features")
     assert rec["status"] == "ok" or rec["failed_features"]  # a failure is always explained
@@ -49,4 +49,6 @@ def test_real_model_writes_weights_for_one_ad(tmp_path, monkeypatch):
     calls = [json.loads(line) for line in (tmp_path / "run" / "calls.jsonl").read_text().splitlines()]
     assert calls and all(c["outputs"] for c in calls)
     assert totals["ads_done"] == 1
-    print(json.dumps({k: rec[k] for k in ("raw_weights", "reasoning", "judge", "seconds", "tokens")}, indent=1))
+    print(
+        json.dumps({k: rec[k] for k in ("raw_weights", "reasoning", "judge", "seconds", "tokens")}, indent=1)
+    )

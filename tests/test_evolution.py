@@ -9,15 +9,11 @@ from html.parser import HTMLParser
 
 import pytest
 
+from llmhyper.cli.main import main
 from llmhyper.errors import DataError, LLMHyperError
-from llmhyper.optimize.evolution import (
-    best_so_far,
-    instruction_diff,
-    lineage_lines,
-    load_evolution,
-    render_html,
-    render_text,
-)
+from llmhyper.optimize.compile import compile_recipe
+from llmhyper.optimize.evolution import best_so_far, instruction_diff, load_evolution
+from llmhyper.report.evolution import lineage_lines, render_html, render_text
 from tests.fakes import NO_CHROMIUM, HashEncoder, chromium, dump_dom
 from tests.scripted_reflection import RULE, CompileEngine, scripted_pair
 from tests.test_compile import RECIPE
@@ -25,8 +21,6 @@ from tests.test_compile import RECIPE
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    from llmhyper.optimize.compile import compile_recipe
-
     root = tmp_path_factory.mktemp("evo")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMHYPER_CACHE", str(root / "cache"))
@@ -178,8 +172,6 @@ def test_missing_log_is_a_clear_error(tmp_path):
 
 
 def test_cli_evolution_text_and_html(compiled, tmp_path, capsys):
-    from llmhyper.cli.main import main
-
     out = tmp_path / "page" / "evo.html"
     assert main(["evolution", str(compiled.program_path.with_suffix("")), "--html", str(out)]) == 0
     text = capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""llmhyper.llm.models: joining + verifying the embedded model, the in-process server, build_lm, usage/call logs.
+"""llmhyper.llm: joining + verifying the embedded model, the in-process server, LMSettings, build_lm (and its
+endpoint-aware response cache), usage/call logs.
 
 Everything here runs offline with tiny fake slices and a fake xllamacpp, except the one `embedded` test
 (``pytest --embedded``), which starts the real llama.cpp server on the real 1.1 GB model.
@@ -18,10 +19,13 @@ from pathlib import Path
 
 import pytest
 
-import llmhyper.llm.models as lmmod
+import llmhyper.llm.build as buildmod
+import llmhyper.llm.embedded as lmmod
 from llmhyper.errors import LLMHyperError, MissingDependency, ModelIntegrityError
-from llmhyper.llm.models import (EMBEDDED_MODEL, EmbeddedModelSpec, EmbeddedServer, LMHandle, build_lm,
-                         ensure_embedded_model, lm_calls, lm_usage)
+from llmhyper.llm.build import LMHandle, build_lm, sibling_lm
+from llmhyper.llm.calls import lm_calls, lm_usage
+from llmhyper.llm.embedded import EMBEDDED_MODEL, EmbeddedModelSpec, EmbeddedServer, ensure_embedded_model
+from llmhyper.llm.settings import DEFAULT_MAX_TOKENS, EMBEDDED_FREQUENCY_PENALTY, LMSettings, LMSpecError
 
 # ------------------------------------------------------------------------------------------------------
 # fake slice packages
@@ -40,13 +44,17 @@ def fake_slices(tmp_path, monkeypatch):
         path.write_bytes(chunk)
         name = f"llmhyper_fake_model_part{i}"
         mod = types.ModuleType(name)
-        mod.get_part_path = (lambda p=path: str(p))
+        mod.get_part_path = lambda p=path: str(p)
         monkeypatch.setitem(sys.modules, name, mod)
         paths.append(path)
         names.append(name)
     data = b"".join(chunks)
-    spec = EmbeddedModelSpec(name="fake-model-q4", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                             slice_packages=tuple(names))
+    spec = EmbeddedModelSpec(
+        name="fake-model-q4",
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        slice_packages=tuple(names),
+    )
     return spec, data, paths
 
 
@@ -123,8 +131,9 @@ def test_slices_of_wrong_total_size(fake_slices, tmp_path):
 
 def test_missing_slice_package_gives_install_hint(fake_slices, tmp_path):
     spec, _, _ = fake_slices
-    missing = EmbeddedModelSpec(spec.name, spec.size, spec.sha256,
-                                spec.slice_packages + ("llmhyper_no_such_slice_package_xyz",))
+    missing = EmbeddedModelSpec(
+        spec.name, spec.size, spec.sha256, spec.slice_packages + ("llmhyper_no_such_slice_package_xyz",)
+    )
     with pytest.raises(MissingDependency) as err:
         ensure_embedded_model(tmp_path, model=missing)
     assert "[embedded]" in str(err.value)
@@ -192,8 +201,9 @@ def test_forged_sidecar_is_not_trusted(fake_slices, tmp_path):
     target = models / spec.filename
     target.write_bytes(b"\1" * spec.size)
     st = target.stat()
-    (models / (spec.filename + ".sha256")).write_text(json.dumps(
-        {"sha256": "f" * 64, "size": st.st_size, "mtime_ns": st.st_mtime_ns}))
+    (models / (spec.filename + ".sha256")).write_text(
+        json.dumps({"sha256": "f" * 64, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    )
     assert ensure_embedded_model(tmp_path, model=spec).read_bytes() == data
 
 
@@ -228,18 +238,31 @@ class _FakeXllamacpp:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 self._send(200 if fake.healthy else 503, {"status": "ok" if fake.healthy else "loading"})
 
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.bodies.append((self.path, self.headers.get("Authorization"), body))
                 if self.headers.get("Authorization") != f"Bearer {fake.params.api_keys[0]}":
                     return self._send(401, {"error": {"message": "Invalid API Key", "code": 401}})
-                self._send(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": "fake",
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": _COMPLETION}}],
-                                 "usage": {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}})
+                self._send(
+                    200,
+                    {
+                        "id": "c1",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": "fake",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": _COMPLETION},
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15},
+                    },
+                )
 
             def log_message(self, *a):
                 pass
@@ -276,6 +299,7 @@ def fake_xlc(monkeypatch, tmp_path):
         fake = _FakeXllamacpp(**kw)
         monkeypatch.setitem(sys.modules, "xllamacpp", fake.module)
         return fake
+
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     return make, model
@@ -337,7 +361,7 @@ def test_build_lm_embedded_wire_format(fake_xlc, monkeypatch):
 
     make, model = fake_xlc
     fake = make()
-    monkeypatch.setattr(lmmod, "ensure_embedded_model", lambda cache=None: model)
+    monkeypatch.setattr(buildmod, "ensure_embedded_model", lambda cache=None: model)
     handle = build_lm("embedded", temperature=0.0, max_tokens=50, seed=7)
     assert isinstance(handle, LMHandle)
     d = handle.description
@@ -355,8 +379,12 @@ def test_build_lm_embedded_wire_format(fake_xlc, monkeypatch):
     assert body0["max_tokens"] == 50 and "max_completion_tokens" not in body0
     assert body0["seed"] == 7 and body0["temperature"] == 0.0
     assert body1["temperature"] == 0.9 and "rollout_id" not in body1
-    assert lm_usage(handle.lm) == {"calls": 2, "prompt_tokens": 22, "completion_tokens": 8,
-                                   "total_tokens": 30}
+    assert lm_usage(handle.lm) == {
+        "calls": 2,
+        "prompt_tokens": 22,
+        "completion_tokens": 8,
+        "total_tokens": 30,
+    }
     port = handle.server.port
     handle.close()
     handle.close()
@@ -365,19 +393,191 @@ def test_build_lm_embedded_wire_format(fake_xlc, monkeypatch):
 
 
 def test_build_lm_remote_spec(monkeypatch):
-    monkeypatch.setattr(lmmod, "ensure_embedded_model",
-                        lambda *a, **k: pytest.fail("no model for remote LMs"))
-    h = build_lm("openai/gpt-4o", api_base="http://127.0.0.1:9/v1", api_key="sk-test", temperature=0.7,
-                 max_tokens=123, cache=False)
+    monkeypatch.setattr(
+        buildmod, "ensure_embedded_model", lambda *a, **k: pytest.fail("no model for remote LMs")
+    )
+    h = build_lm(
+        "openai/gpt-4o",
+        api_base="http://127.0.0.1:9/v1",
+        api_key="sk-test",
+        temperature=0.7,
+        max_tokens=123,
+        cache=False,
+    )
     assert h.lm.model == "openai/gpt-4o" and h.server is None
     assert h.lm.kwargs["temperature"] == 0.7 and h.lm.cache is False
-    assert h.description == {"spec": "openai/gpt-4o", "model": "gpt-4o", "api_base": "http://127.0.0.1:9/v1",
-                             "temperature": 0.7, "max_tokens": 123, "cache": False}
+    assert h.description == {
+        "spec": "openai/gpt-4o",
+        "model": "gpt-4o",
+        "api_base": "http://127.0.0.1:9/v1",
+        "temperature": 0.7,
+        "max_tokens": 123,
+        "cache": False,
+    }
     assert "sk-test" not in json.dumps(h.description)
     h.close()
     assert build_lm("gemini/gemini-2.5-pro").lm.cache is True  # the DSPy response cache is on by default
     with pytest.raises(ValueError, match="embedded"):
         build_lm("gpt-4o")
+
+
+# ------------------------------------------------------------------------------------------------------
+# LMSettings: one table of defaults, checked in one line
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_lm_settings_defaults_live_in_one_place():
+    s = LMSettings()
+    assert s.spec == "embedded" and s.max_tokens == DEFAULT_MAX_TOKENS == 320
+    assert s.penalty == EMBEDDED_FREQUENCY_PENALTY == 0.5  # decided here, for the embedded model only
+    assert LMSettings(spec="openai/gpt-4o").penalty is None
+    assert LMSettings(spec="openai/gpt-4o", frequency_penalty=0.2).penalty == 0.2
+    assert LMSettings(frequency_penalty=0.0).penalty == 0.0  # an explicit 0 is kept, not replaced by 0.5
+    assert LMSettings().record() == {
+        "spec": "embedded",
+        "api_base": None,
+        "temperature": 0.0,
+        "max_tokens": 320,
+        "frequency_penalty": 0.5,
+    }
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"spec": ""}, "empty"),
+        ({"spec": "gpt-4o"}, "DSPy model string"),
+        ({"api_base": "http://127.0.0.1:9/v1"}, "only for remote models"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"max_tokens": 0}, "max_tokens must be a whole number >= 1"),
+        ({"n_threads": 0}, "n_threads"),
+        ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+        ({"timeout": 0.0}, "timeout must be > 0"),
+    ],
+)
+def test_lm_settings_refuse_what_cannot_work(kw, message):
+    with pytest.raises(LMSpecError, match=message) as err:
+        LMSettings(**kw).validate()
+    assert "\n" not in str(err.value)
+
+
+def test_api_key_comes_from_the_named_variable(monkeypatch):
+    monkeypatch.setenv("LLMHYPER_TEST_KEY", "sk-x")
+    assert LMSettings(spec="openai/gpt-4o", api_key_env="LLMHYPER_TEST_KEY").api_key() == "sk-x"
+    monkeypatch.delenv("LLMHYPER_TEST_KEY")
+    with pytest.raises(LMSpecError, match="LLMHYPER_TEST_KEY"):
+        LMSettings(spec="openai/gpt-4o", api_key_env="LLMHYPER_TEST_KEY").api_key()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the response cache knows the endpoint (issue 14, item 12)
+# ------------------------------------------------------------------------------------------------------
+
+
+class _Endpoint:
+    """A loopback OpenAI-compatible server that answers every question with its own name."""
+
+    def __init__(self, name):
+        self.name, self.hits = name, 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.hits += 1
+                text = f"[[ ## answer ## ]]\n{outer.name}\n\n[[ ## completed ## ]]"
+                data = json.dumps(
+                    {
+                        "id": "c",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": "m",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": text},
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def endpoints():
+    import dspy
+
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True)  # conftest restores it
+    a, b = _Endpoint("alpha"), _Endpoint("beta")
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _ask(lm, **config):
+    import dspy
+
+    with dspy.context(lm=lm):
+        return dspy.Predict("question -> answer")(question="who are you?", config=config).answer
+
+
+def test_cache_is_keyed_on_the_endpoint(endpoints):
+    a, b = endpoints
+    lm_a = build_lm("hosted_vllm/m", api_base=a.url, num_retries=0).lm
+    lm_b = build_lm("hosted_vllm/m", api_base=b.url, num_retries=0).lm
+    assert _ask(lm_a) == "alpha" and a.hits == 1
+    assert _ask(lm_a) == "alpha" and a.hits == 1  # the same endpoint: answered from the cache
+    assert _ask(lm_b) == "beta" and b.hits == 1  # same model name, same prompt, other server: asked
+    again = build_lm("hosted_vllm/m", api_base=a.url, api_key="another-key", num_retries=0).lm
+    assert _ask(again) == "alpha" and a.hits == 1  # the key is not part of the endpoint
+    # a sampled call keeps its own rollout id (in the cache key and the call log), scoped to the endpoint
+    assert _ask(lm_a, rollout_id=1, temperature=0.5) == "alpha" and a.hits == 2
+    assert _ask(lm_b, rollout_id=1, temperature=0.5) == "beta" and b.hits == 2
+    assert lm_calls(lm_a)[-1]["kwargs"] == {"rollout_id": 1, "temperature": 0.5}
+    assert "rollout_id" not in lm_calls(lm_a)[0]["kwargs"]
+
+
+def test_dead_endpoint_is_not_answered_from_another_servers_cache(endpoints):
+    import dspy
+
+    a, _ = endpoints
+    assert _ask(build_lm("hosted_vllm/m", api_base=a.url).lm) == "alpha"
+    dead = build_lm("hosted_vllm/m", api_base="http://127.0.0.1:9/v1", num_retries=0).lm
+    with pytest.raises(Exception) as err:  # the call is made (and fails), not served from alpha's answer
+        _ask(dead)
+    assert not isinstance(err.value, dspy.utils.exceptions.AdapterParseError)
+
+
+def test_sibling_shares_the_embedded_server(fake_xlc, monkeypatch):
+    make, model = fake_xlc
+    fake = make()
+    monkeypatch.setattr(buildmod, "ensure_embedded_model", lambda cache=None: model)
+    with build_lm(LMSettings(max_tokens=50)) as task:
+        refl = sibling_lm(task, LMSettings(temperature=1.0, max_tokens=1024))
+        assert fake.alive == 1 and refl.server is None
+        assert refl.lm.kwargs["api_base"] == task.server.base_url and refl.lm.kwargs["max_tokens"] == 1024
+        assert refl.description["shares_server_with"] == "embedded"
+        refl.close()
+        assert fake.alive == 1  # the server belongs to the task handle
+    assert fake.alive == 0
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -399,11 +599,19 @@ def test_lm_usage_and_calls_with_dummy_lm():
     assert lm_usage(lm) == {"calls": 3, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     # DummyLM reports zero tokens; give the history entries real numbers to check the sums
     for i, entry in enumerate(lm.history):
-        entry["usage"] = {"prompt_tokens": 100 + i, "completion_tokens": 10 + i, "total_tokens": 110 + 2 * i,
-                          "prompt_tokens_details": None}
+        entry["usage"] = {
+            "prompt_tokens": 100 + i,
+            "completion_tokens": 10 + i,
+            "total_tokens": 110 + 2 * i,
+            "prompt_tokens_details": None,
+        }
     assert lm_usage(lm) == {"calls": 3, "prompt_tokens": 303, "completion_tokens": 33, "total_tokens": 336}
-    assert lm_usage(lm, since=mark) == {"calls": 2, "prompt_tokens": 203, "completion_tokens": 23,
-                                        "total_tokens": 226}
+    assert lm_usage(lm, since=mark) == {
+        "calls": 2,
+        "prompt_tokens": 203,
+        "completion_tokens": 23,
+        "total_tokens": 226,
+    }
     calls = lm_calls(lm, since=mark)
     assert len(calls) == 2
     json.dumps(calls)  # JSON-safe
@@ -422,16 +630,30 @@ def test_lm_calls_json_safe_odd_values():
         def __repr__(self):
             return "<obj>"
 
-    lm = types.SimpleNamespace(history=[{"prompt": "hi", "messages": None, "outputs": ["yo"], "usage": None,
-                                         "kwargs": {"x": Obj(), "t": (1, 2), "f": float("nan"), "cls": int},
-                                         "timestamp": "t", "model": "m"}])
+    lm = types.SimpleNamespace(
+        history=[
+            {
+                "prompt": "hi",
+                "messages": None,
+                "outputs": ["yo"],
+                "usage": None,
+                "kwargs": {"x": Obj(), "t": (1, 2), "f": float("nan"), "cls": int},
+                "timestamp": "t",
+                "model": "m",
+            }
+        ]
+    )
     (rec,) = lm_calls(lm)
     assert rec["messages"] == [{"role": "user", "content": "hi"}]
-    assert rec["kwargs"] == {"x": "<obj>", "t": [1, 2], "f": "nan", "cls": "builtins.int"}
+    assert rec["kwargs"] == {"x": "<obj>", "t": [1, 2], "f": None, "cls": "builtins.int"}
     json.dumps(rec)
     assert lm_usage(lm) == {"calls": 1, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    assert lm_usage(types.SimpleNamespace(history=[])) == {"calls": 0, "prompt_tokens": 0,
-                                                           "completion_tokens": 0, "total_tokens": 0}
+    assert lm_usage(types.SimpleNamespace(history=[])) == {
+        "calls": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -468,8 +690,12 @@ def test_embedded_llm_end_to_end():
             answer = pred(question="What is the capital of France? Answer with one word.").answer
             assert "paris" in answer.lower()
             # rollout_id + temperature > 0 draws fresh samples (the DSPy cache is keyed on rollout_id)
-            names = {pred(question="Invent a name for a pet dragon.",
-                          config={"rollout_id": k, "temperature": 1.0}).answer for k in range(3)}
+            names = {
+                pred(
+                    question="Invent a name for a pet dragon.", config={"rollout_id": k, "temperature": 1.0}
+                ).answer
+                for k in range(3)
+            }
             assert len(names) >= 2, names
         usage = lm_usage(handle.lm)
         # 4 predictions; a sampled answer that misses ChatAdapter's format is asked once more by DSPy's JSON

@@ -350,9 +350,16 @@ def test_bootstrap_generic_metric_and_interval():
         assert M.bootstrap_interval(fn, Y, P, mask, n_boot=50, seed=1) == (r["a"], r["a_lo"], r["a_hi"])
 
 
+def test_no_resamples_means_no_intervals():
+    r = M.paired_bootstrap(M.pooled_auc, Y2, P2, 1 - P2, n_boot=0)
+    assert r["a"] == pytest.approx(2 / 3) and r["diff"] == pytest.approx(2 / 3 - M.pooled_auc(Y2, 1 - P2))
+    assert r["a_lo"] is r["a_hi"] is r["diff_lo"] is r["diff_hi"] is r["p_value"] is None
+    assert M.bootstrap_interval(M.pooled_auc, Y2, P2, n_boot=0) == (pytest.approx(2 / 3), None, None)
+
+
 def test_bootstrap_bad_arguments():
     with pytest.raises(ValueError, match="n_boot"):
-        M.paired_bootstrap(M.pooled_auc, Y2, P2, P2, n_boot=0)
+        M.paired_bootstrap(M.pooled_auc, Y2, P2, P2, n_boot=-1)
     with pytest.raises(ValueError, match="P_b"):
         M.paired_bootstrap(M.pooled_auc, Y2, P2, P2[:, :2])
     with pytest.raises(ValueError, match="shapes differ"):

@@ -78,3 +78,26 @@ def test_neighbour_alpha_is_mean_ctr():
     X = np.zeros((4, 2))
     alpha = neighbour_alpha(np.zeros((2, 2)), np.array([logit(0.1), logit(0.3)]), X)
     assert alpha == pytest.approx(0.2)
+
+
+def test_huge_finite_weights_keep_their_direction():
+    theta = np.array([3e200, 4e200])
+    assert np.allclose(l2_normalize(theta), [0.6, 0.8])
+    assert np.allclose(l2_normalize(np.array([3e-200, -4e-200])), [0.6, -0.8])
+    rows = l2_normalize_rows(np.array([[3e300, 4e300], [3.0, 4.0], [0.0, 0.0]]))
+    assert np.allclose(rows, [[0.6, 0.8], [0.6, 0.8], [0.0, 0.0]])
+
+
+def test_ordinary_vectors_are_computed_as_before():
+    theta = np.random.default_rng(3).standard_normal(40)
+    assert np.array_equal(l2_normalize(theta), theta / np.linalg.norm(theta))
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_non_finite_weights_are_refused(bad):
+    with pytest.raises(ValueError, match="not finite"):
+        l2_normalize(np.array([1.0, bad]))
+    with pytest.raises(ValueError, match="not finite"):
+        l2_normalize_rows(np.array([[1.0, 2.0], [bad, 0.0]]))
+    with pytest.raises(ValueError, match="not finite"):
+        calibrate_intercept(np.array([1.0, 0.0]), np.array([[bad, 0.0], [1.0, 0.0]]), 0.2)

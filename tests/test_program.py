@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import json
+
 import dspy
 import pytest
 
-from llmhyper.hyper.program import LLMHyper, ProgramConfig, WeightParseError, check_weights, format_features
-from tests.scripted_lm import ScriptedEngine, UnexpectedPrompt, scripted_lm
+from llmhyper.errors import DataError, LLMHyperError
+from llmhyper.hyper.program import (
+    DEFAULT_PROGRAM,
+    LLMHyper,
+    ProgramConfig,
+    WeightParseError,
+    check_weights,
+    format_features,
+    load_program,
+)
+from tests.scripted_lm import ScriptedEngine, scripted_lm
 
 FEATURES = [{"name": f"f{i}", "description": f"feature number {i}"} for i in range(7)]
-EXAMPLES = [{"id": "w1", "title": "Old ad", "text": "about cooking", "caption": "tags: pan", "similarity": 0.9,
-             "ctr": 0.12, "weights": {f["name"]: 0.25 for f in FEATURES}}]
+EXAMPLES = [
+    {
+        "id": "w1",
+        "title": "Old ad",
+        "text": "about cooking",
+        "caption": "tags: pan",
+        "similarity": 0.9,
+        "ctr": 0.12,
+        "weights": {f["name"]: 0.25 for f in FEATURES},
+    }
+]
 AD = {"id": "c1", "title": "New ad", "text": "about cooking too"}
 
 
@@ -121,3 +141,113 @@ def test_partial_answer_is_kept_and_only_missing_features_asked_again():
     assert [a["asked"] for a in first["attempts"]] == [3, 2] and first["ok"]
     assert first["attempts"][0]["reason"] == "no weight for ['f1', 'f2']"
     assert pred.weights["f0"] == 0.3 and pred.weights["f1"] == 0.3 and pred.failed_features == {}
+
+
+def test_judge_lm_is_given_to_the_program_not_poked_into_it():
+    task, judge = ScriptedEngine(), ScriptedEngine()
+    judge_lm = scripted_lm(judge)
+    program = LLMHyper(ProgramConfig(batch_size=7), judge_lm=judge_lm)
+    assert program.judge.lm is None  # nothing set on the predictor (so no LM is ever saved with the program)
+    with dspy.context(lm=scripted_lm(task)):
+        pred = program(ad=AD, examples=EXAMPLES, features=FEATURES)
+    assert task.weight_calls == 1 and task.judge_calls == 0
+    assert judge.judge_calls == 1 and judge.weight_calls == 0 and len(judge_lm.history) == 1
+    assert pred.judge[0]["ok"]
+    copy = program.deepcopy()  # GEPA copies programs: the copies share the judge LM (and its history)
+    assert copy.judge_lm is judge_lm and copy.predict_weights is not program.predict_weights
+    saved = program.dump_state()
+    assert saved["judge"]["lm"] is None
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"batch_size": 0},
+        {"n_samples": 0},
+        {"max_attempts": 0},
+        {"batch_size": -3},
+        {"max_regenerations": -1},
+        {"sample_temperature": float("nan")},
+        {"weight_bound": 0.0},
+        {"batch_size": 2.5},
+    ],
+)
+def test_program_config_refuses_what_cannot_run(kw):
+    with pytest.raises(LLMHyperError) as err:
+        ProgramConfig(**kw)
+    assert "\n" not in str(err.value)
+
+
+def _state():
+    return json.loads(DEFAULT_PROGRAM.read_text())
+
+
+def _write(tmp_path, content):
+    path = tmp_path / "prog.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def _bad_instruction():
+    s = _state()
+    s["judge"]["signature"]["instructions"] = 42
+    return s
+
+
+def _wrong_keys():
+    s = _state()
+    s["predict_weights"] = s.pop("predict_weights.predict")
+    return s
+
+
+def _few_fields():
+    s = _state()
+    s["judge"]["signature"]["fields"] = s["judge"]["signature"]["fields"][:2]
+    return s
+
+
+def _with_lm():
+    s = _state()
+    s["judge"]["lm"] = {"model": "openai/gpt-4o", "api_base": "http://evil.example/v1"}
+    return s
+
+
+def _extra_predictor_key():
+    s = _state()
+    s["judge"]["forward"] = "x"
+    return s
+
+
+MALFORMED = {
+    "truncated": lambda: DEFAULT_PROGRAM.read_text()[:200],
+    "empty": lambda: "",
+    "a list": lambda: [1, 2],
+    "wrong keys": _wrong_keys,
+    "non-string instruction": _bad_instruction,
+    "too few fields": _few_fields,
+    "an LM inside": _with_lm,
+    "an attribute for the predictor": _extra_predictor_key,
+    "field not an object": lambda: {**_state(), "judge": [1]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_program_is_one_line(case, tmp_path):
+    path = _write(tmp_path, MALFORMED[case]())
+    with pytest.raises(DataError) as err:
+        load_program(path)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg and "Traceback" not in msg
+
+
+def test_program_path_that_is_a_folder_or_missing(tmp_path):
+    with pytest.raises(DataError, match="found a folder"):
+        load_program(tmp_path)
+    with pytest.raises(DataError, match="not found"):
+        load_program(tmp_path / "nope.json")
+
+
+def test_load_program_reads_the_shipped_program():
+    program = load_program(DEFAULT_PROGRAM, ProgramConfig(batch_size=4), judge_lm="judge")
+    assert program.config.batch_size == 4 and program.judge_lm == "judge"
+    assert program.judge.signature.instructions == _state()["judge"]["signature"]["instructions"]

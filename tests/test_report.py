@@ -9,7 +9,9 @@ import pytest
 
 from llmhyper.ctr.prepare import prepare
 from llmhyper.hyper.program import ProgramConfig
-from llmhyper.report.page import calibration_bins, diverging, gather, render_markdown, write_report
+from llmhyper.report.gather import calibration_bins, gather
+from llmhyper.report.render import render_markdown, write_report
+from llmhyper.report.svg import diverging
 from llmhyper.data.synthetic import generate_synthetic
 from tests.fakes import NO_CHROMIUM, HashEncoder, chromium, dump_dom
 from tests.scripted_lm import Handle, scripted_lm

@@ -454,22 +454,32 @@ def test_shots0_program_passes_an_empty_example_list(world):
 
 
 def test_cli_registers_trust_and_report_and_explains_without_llm(default_run, tmp_path, capsys):
+    from llmhyper.cli import report as report_cmd
+    from llmhyper.cli import trust as trust_cmd
     from llmhyper.cli.main import build_parser, main
+    from llmhyper.trust.settings import resolve
 
     run, syn = default_run
     parser = build_parser()
     args = parser.parse_args(["trust", "robustness", "--base-run", str(run), "--out", "x"])
-    assert args.func.__name__ == "cmd_robustness" and args.scope == "batch" and args.lm is None
-    from llmhyper.trust.cli import resolve
+    assert args.func is trust_cmd.run and args.trust_command == "robustness"
+    assert args.scope == "batch" and args.lm is None and args.run == str(run)
+    settings = resolve(trust_cmd.study_settings(args), run)  # unset settings come from the base run
+    assert (settings.data.dataset, settings.batch_size, settings.judge, settings.encoder) == (
+        "synthetic", 4, True, "test-hash")
+    assert settings.lm.spec == "scripted" and settings.judge_settings is settings.lm
+    # given settings win over the base run's; --run is the README's name of --base-run
+    args = parser.parse_args(["trust", "ablate", "--run", str(run), "--out", "x", "--batch-size", "2",
+                              "--no-judge"])
+    settings = resolve(trust_cmd.study_settings(args), args.run)
+    assert (settings.batch_size, settings.judge, settings.k) == (2, False, 3)
+    assert parser.parse_args(["report", "--runs", "a", "b"]).func is report_cmd.run
 
-    resolve(args, run)
-    assert (args.dataset, args.batch_size, args.no_judge, args.encoder) == (
-        "synthetic",
-        4,
-        False,
-        "test-hash",
-    )
-    assert parser.parse_args(["report", "--runs", "a", "b"]).func.__name__ == "cmd_report"
+    # a sub-command's error shows that sub-command's usage, not the top-level one
+    with pytest.raises(SystemExit):
+        parser.parse_args(["trust", "robustness", "--out", "x", "--bogus"])
+    err = capsys.readouterr().err
+    assert "usage: llmhyper trust robustness" in err and "unrecognized arguments: --bogus" in err
 
     assert main(["trust", "estimate", "--n-ads", "97"]) == 0
     est = json.loads(capsys.readouterr().out)
@@ -503,19 +513,19 @@ def test_cli_registers_trust_and_report_and_explains_without_llm(default_run, tm
 
 def test_cli_robustness_and_ablate_wire_the_studies(default_run, tmp_path, monkeypatch, capsys):
     """The commands with the LM and encoder builders swapped for scripted ones (no LLM is started)."""
+    import llmhyper.llm.build
     import llmhyper.retrieval.encoders
-    import llmhyper.llm.models
     from llmhyper.cli.main import main
 
     run, syn = default_run
     eng = TrustEngine(weight_policy=reading_policy(), rewrite_policy=faithful_rewriter)
     built = []
 
-    def fake_build_lm(spec, **kw):
-        built.append(spec)
+    def fake_build_lm(settings, **kw):
+        built.append(settings.spec)
         return Handle(scripted_lm(eng))
 
-    monkeypatch.setattr(llmhyper.llm.models, "build_lm", fake_build_lm)
+    monkeypatch.setattr(llmhyper.llm.build, "build_lm", fake_build_lm)
     monkeypatch.setattr(llmhyper.retrieval.encoders, "get_encoder", lambda name: HashEncoder())
     out = tmp_path / "cf"
     assert (

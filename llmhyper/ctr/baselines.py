@@ -15,7 +15,7 @@ import numpy as np
 
 from llmhyper.ctr.normalize import calibrate_intercept, l2_normalize, logit
 from llmhyper.retrieval.index import Neighbour
-from llmhyper.weights import WeightTable
+from llmhyper.weights import WeightTable, sigmoid
 
 
 def lr_cold(retired: WeightTable, cold_ids: list[str]) -> WeightTable:
@@ -96,7 +96,5 @@ class EmbeddingSimilarity:
         self.profiles, self.ad_vectors, self.a, self.b = profiles, ad_vectors, a, b
 
     def predict_users(self, users: np.ndarray, ad_ids: list[str]) -> np.ndarray:
-        from llmhyper.weights import sigmoid
-
         V = np.stack([self.ad_vectors[a] for a in ad_ids])
         return sigmoid(self.a * (self.profiles[users] @ V.T) + self.b)

@@ -16,17 +16,22 @@ import numpy as np
 from llmhyper.ctr import baselines as bl
 from llmhyper.ctr.metrics import METRICS, bootstrap_interval, paired_bootstrap
 from llmhyper.ctr.prepare import Prepared, embed
+from llmhyper.ctr.prior import PriorSettings, ridge_methods
+from llmhyper.errors import LLMHyperError
+from llmhyper.fmt import ci_cell, diff_cell, md_table
 from llmhyper.weights import WeightTable
 
 REFERENCE = "lr_cold"
 BAR = "knn_cal"
+PRIORS = ("knn_cal", "ridge", "ridge_cal")  # the best of them (on retired validation) is the bar as well
 BAR_METRICS = ["auc", "ad_auc", "ndcg10", "logloss"]
 TABLE_METRICS = ["auc", "ad_auc", "ndcg5", "ndcg10", "logloss", "ece", "calib_ratio"]
 HEADERS = {"auc": "AUC", "ad_auc": "ad-AUC", "ndcg5": "NDCG@5", "ndcg10": "NDCG@10", "logloss": "log loss",
            "ece": "ECE", "calib_ratio": "pred/obs CTR"}
 
 
-def baseline_methods(prep: Prepared, encoder=None, seed: int = 0) -> dict[str, Any]:
+def baseline_methods(prep: Prepared, encoder=None, seed: int = 0,
+                     prior: PriorSettings | None = None) -> dict[str, Any]:
     data, cold = prep.data, prep.data.cold_ads
     knn = bl.knn_prior(prep.retired, prep.neighbours, cold)
     methods: dict[str, Any] = {
@@ -34,6 +39,7 @@ def baseline_methods(prep: Prepared, encoder=None, seed: int = 0) -> dict[str, A
         "lr_cold": bl.lr_cold(prep.retired, cold),
         "knn": knn,
         "knn_cal": bl.calibrated(knn, prep.X_cal, prep.alphas, "knn_cal"),
+        **ridge_methods(prep, encoder, prior or PriorSettings(seed=seed)),
         "popularity": bl.popularity(cold, data.feature_names, prep.alphas),
         "random": bl.random_weights(cold, data.feature_names, prep.X_cal, prep.alphas, seed),
     }
@@ -86,12 +92,27 @@ def ranking_latency_ms(method: Any, prep: Prepared, users: np.ndarray, ad_ids: l
     return float(np.median(times) * 1e3)
 
 
+def best_prior(methods: dict[str, Any]) -> tuple[str | None, dict[str, float]]:
+    """The prior with the best pooled AUC on held-out RETIRED ads (recorded by `ridge_methods`), among
+    those present; choosing it on the cold ads would tune on the test set."""
+    val: dict[str, float] = {}
+    for m in methods.values():
+        if isinstance(m, WeightTable) and "retired_validation_auc" in m.meta:
+            val = dict(m.meta["retired_validation_auc"])
+            break
+    known = {k: v for k, v in val.items() if k in methods and k in PRIORS and np.isfinite(v)}
+    return (max(known, key=known.get) if known else None), val
+
+
 def evaluate(prep: Prepared, methods: dict[str, Any], *, ad_ids: list[str] | None = None, n_boot: int = 1000,
              seed: int = 0, reference: str = REFERENCE, challengers: list[str] | None = None,
              bar: str = BAR) -> dict[str, Any]:
     """Every method on test users x `ad_ids`; each `challenger` (a weight artifact such as an LLM-HYPER
-    run) is also compared, paired, with `bar` (the calibrated k-NN prior: the bar an LLM must clear)."""
+    run) is also compared, paired, with the best prior (chosen on retired validation, see `best_prior`)
+    and with `bar` (the calibrated k-NN prior)."""
     data = prep.data
+    best, val_auc = best_prior(methods)
+    bars = [b for b in dict.fromkeys([best, bar]) if b is not None and b in methods]
     ad_ids = ad_ids or data.cold_ads
     users = data.test_users
     _, Y, M = data.block(users, ad_ids)
@@ -111,23 +132,33 @@ def evaluate(prep: Prepared, methods: dict[str, Any], *, ad_ids: list[str] | Non
                 v, lo, hi = bootstrap_interval(fn, Y, P, mask=M, n_boot=n_boot, seed=seed)
                 row[metric] = {"value": v, "lo": lo, "hi": hi}
         row["latency_ms_per_user"] = ranking_latency_ms(methods[name], prep, users, ad_ids)
-        if name in (challengers or []) and bar in preds:
-            row[f"vs_{bar}"] = {}
+        for b in bars if name in (challengers or []) else []:
+            row[f"vs_{b}"] = {}
             for metric in BAR_METRICS:
-                bs = paired_bootstrap(METRICS[metric], Y, P, preds[bar], mask=M, n_boot=n_boot, seed=seed)
-                row[f"vs_{bar}"][metric] = {"diff": bs["diff"], "lo": bs["diff_lo"], "hi": bs["diff_hi"],
-                                            "p_value": bs["p_value"]}
+                bs = paired_bootstrap(METRICS[metric], Y, P, preds[b], mask=M, n_boot=n_boot, seed=seed)
+                row[f"vs_{b}"][metric] = {"diff": bs["diff"], "lo": bs["diff_lo"], "hi": bs["diff_hi"],
+                                          "p_value": bs["p_value"]}
         rows[name] = row
     return {
         "dataset": data.name, "n_test_users": int(len(users)), "n_ads": len(ad_ids),
         "ads_subset": len(ad_ids) < len(data.cold_ads), "ad_ids": list(ad_ids), "reference": reference,
         "n_boot": n_boot, "seed": seed, "k": prep.k, "encoder": prep.encoder_name,
         "clicks": int(Y[M].sum()), "impressions": int(M.sum()), "methods": rows,
+        "best_prior": best, "bars": bars, "retired_validation_auc": val_auc, "prior": _prior_info(methods),
     }
 
 
+def _prior_info(methods: dict[str, Any]) -> dict[str, Any] | None:
+    """What the ridge prior chose (inputs, penalty, its CV score), without the per-candidate table."""
+    m = methods.get("ridge")
+    if not isinstance(m, WeightTable):
+        return None
+    keep = ("inputs", "alpha", "chosen_by", "cv_auc", "cv_mse", "n_fit_ads", "encoder")
+    return {k: m.meta[k] for k in keep if k in m.meta}
+
+
 def _fmt(cell: dict[str, Any]) -> str:
-    return f"{cell['value']:.3f} [{cell['lo']:.3f}, {cell['hi']:.3f}]"
+    return ci_cell(cell)
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -136,33 +167,79 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in result["methods"].items():
         d = row["auc"]
-        delta = (f"{d['diff_vs_ref']:+.3f} [{d['diff_lo']:+.3f}, {d['diff_hi']:+.3f}] (p={d['p_value']:.3f})"
-                 if "diff_vs_ref" in d else "—")
+        delta = diff_cell({"diff": d.get("diff_vs_ref"), "lo": d.get("diff_lo"), "hi": d.get("diff_hi"),
+                           "p_value": d.get("p_value")})
         cells = [name] + [_fmt(row[m]) for m in TABLE_METRICS] + [f"{row['latency_ms_per_user']:.4f}", delta]
         lines.append("| " + " | ".join(cells) + " |")
-    bar_rows = [(n, r) for n, r in result["methods"].items() if any(k.startswith("vs_") for k in r)]
-    if bar_rows:
-        key = next(k for k in bar_rows[0][1] if k.startswith("vs_"))
-        lines += ["", f"Paired against {key[3:]} (difference, 95% interval, p):", "",
-                  "| method | " + " | ".join(HEADERS[m] for m in BAR_METRICS) + " |",
-                  "|---|" + "---|" * len(BAR_METRICS)]
-        for name, row in bar_rows:
-            cells = [f"{row[key][m]['diff']:+.3f} [{row[key][m]['lo']:+.3f}, {row[key][m]['hi']:+.3f}] "
-                     f"(p={row[key][m]['p_value']:.3f})" for m in BAR_METRICS]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    keys = list(dict.fromkeys(k for r in result["methods"].values() for k in r if k.startswith("vs_")))
+    val = result.get("retired_validation_auc") or {}
+    for key in keys:
+        why = (" (the best prior by pooled AUC on held-out retired ads: "
+               + ", ".join(f"{n} {v:.3f}" for n, v in val.items()) + ")"
+               if key[3:] == result.get("best_prior") else "")
+        bar_rows = [[name] + [diff_cell(row[key][m]) for m in BAR_METRICS]
+                    for name, row in result["methods"].items() if key in row]
+        lines += ["", f"Paired against {key[3:]}{why} (difference, 95% interval, p):", "",
+                  md_table(["method"] + [HEADERS[m] for m in BAR_METRICS], bar_rows)]
+    if result.get("prior"):
+        p = result["prior"]
+        lines += ["", f"ridge prior: inputs {'+'.join(p.get('inputs', []))}, penalty {p.get('alpha')}, "
+                      f"{p.get('chosen_by', '')}."]
     sub = " (subset of cold ads covered by every artifact)" if result["ads_subset"] else ""
     lines.append("")
     lines.append(f"{result['dataset']}: {result['n_test_users']} test users x {result['n_ads']} cold ads{sub}, "
-                 f"{result['clicks']} clicks in {result['impressions']} impressions; 95% intervals from "
-                 f"{result['n_boot']} paired bootstrap resamples of users; k={result['k']}, "
+                 f"{result['clicks']} clicks in {result['impressions']} impressions; "
+                 + (f"95% intervals from {result['n_boot']} paired bootstrap resamples of users"
+                    if result["n_boot"] else "no intervals (0 bootstrap resamples)") + f"; k={result['k']}, "
                  f"encoder {result['encoder']}. AUC pooled over (user, ad) pairs; ad-AUC = mean per-ad AUC.")
     return "\n".join(lines)
 
 
-def load_artifacts(paths: list[str | Path]) -> dict[str, WeightTable]:
+def load_artifacts(paths: list[str | Path], reserved: tuple[str, ...] = ()) -> dict[str, WeightTable]:
+    """Each artifact by its method name (`method:folder` on a clash); damage, a folder given twice or a name
+    in `reserved` (the baselines' rows) is a one-line error."""
     out: dict[str, WeightTable] = {}
+    seen: set[Path] = set()
     for p in paths:
+        where = Path(p).expanduser().resolve()
+        if where in seen:
+            raise LLMHyperError(f"the weight artifact {p} is given twice")
+        seen.add(where)
         t = WeightTable.load(p)
-        name = t.method if t.method not in out else f"{t.method}:{Path(p).name}"
+        if t.method in reserved:
+            raise LLMHyperError(f"the weight artifact {p} is called '{t.method}', the name of a baseline; "
+                                "change 'method' in its weights.json")
+        name, n = t.method, 1
+        while name in out:  # two artifacts of one method: tell them apart by folder (and number)
+            name = f"{t.method}:{Path(p).name}" + (f":{n}" if n > 1 else "")
+            n += 1
         out[name] = t
     return out
+
+
+def evaluable_ads(prep: Prepared) -> tuple[list[str], list[str]]:
+    """The cold ads that can be scored: shown to some test user (labels to score against) and with an
+    LR_warm model (a click and a non-click among train users). Returns them and notes on any left out;
+    none at all is a one-line error saying what the data lacks."""
+    data = prep.data
+    if len(data.test_users) == 0:
+        raise LLMHyperError(f"{data.name}: no test users ({len(data.user_ids)} users in all); evaluation "
+                            "needs more users")
+    shown = data.M[np.ix_(data.test_users, data.cols(data.cold_ads))].any(axis=0)
+    unseen = [a for a, s in zip(data.cold_ads, shown, strict=True) if not s]
+    warm = set(prep.lr_warm.ad_ids)
+    no_model = [a for a, s in zip(data.cold_ads, shown, strict=True) if s and a not in warm]
+    left_out = set(unseen) | set(no_model)
+    ads = [a for a in data.cold_ads if a not in left_out]
+    notes = []
+    if unseen:
+        notes.append(f"{len(unseen)} of {len(data.cold_ads)} cold ads have no impressions among the test "
+                     "users and are left out of the evaluation")
+    if no_model:
+        notes.append(f"{len(no_model)} cold ads lack a click or a non-click among the train users (no "
+                     "LR_warm model) and are left out of the evaluation")
+    if not ads:
+        raise LLMHyperError(f"{data.name}: none of the {len(data.cold_ads)} cold ads can be evaluated: each "
+                            "needs impressions among the test users, with a click and a non-click among the "
+                            'train users (mark ads {"cold": true} in their metadata and keep their impressions)')
+    return ads, notes

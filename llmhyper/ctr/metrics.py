@@ -432,9 +432,12 @@ def bootstrap_interval(metric: MetricFn, Y, P, mask=None, n_boot: int = 1000,
     """(value on the full data, 2.5% and 97.5% percentiles over `n_boot` user resamples).
 
     Uses the same resamples as `paired_bootstrap` with the same seed, so it reproduces its a/a_lo/a_hi.
+    `n_boot=0` asks for no interval: lo and hi are None.
     """
     _check_shape(Y, P)
     value = float(metric(Y, P, mask))
+    if isinstance(n_boot, int) and not isinstance(n_boot, bool) and n_boot == 0:
+        return value, None, None
     idx = _resample_indices(np.shape(Y)[0], n_boot, seed)
     lo, hi = _interval(_boot_values(metric, Y, P, mask, idx))
     return value, lo, hi
@@ -448,11 +451,15 @@ def paired_bootstrap(metric: MetricFn, Y, P_a, P_b, mask=None, n_boot: int = 100
     ``p_value``: two-sided bootstrap p-value of diff = 0, 2 * min(share of resampled diffs <= 0,
     share >= 0), capped at 1 and floored at 1 / (n_boot + 1). Resampled diffs within 1e-12 (relative)
     of 0 count as exact ties. Resamples on which the metric is undefined (nan, e.g. one class for AUC)
-    are left out of the intervals and of the p-value.
+    are left out of the intervals and of the p-value. `n_boot=0` asks for no resamples: the intervals and
+    the p-value are None.
     """
     _check_shape(Y, P_a, "P_a")
     _check_shape(Y, P_b, "P_b")
     a, b = float(metric(Y, P_a, mask)), float(metric(Y, P_b, mask))
+    if isinstance(n_boot, int) and not isinstance(n_boot, bool) and n_boot == 0:
+        return {"a": a, "a_lo": None, "a_hi": None, "diff": a - b, "diff_lo": None, "diff_hi": None,
+                "p_value": None}
     idx = _resample_indices(np.shape(Y)[0], n_boot, seed)
     va = _boot_values(metric, Y, P_a, mask, idx)
     vb = _boot_values(metric, Y, P_b, mask, idx)

@@ -14,17 +14,37 @@ from llmhyper.weights import sigmoid
 
 
 def l2_normalize(theta: np.ndarray) -> np.ndarray:
-    """theta / ||theta||_2; an all-zero vector stays zero (there is no direction to keep)."""
+    """theta / ||theta||_2; an all-zero vector stays zero (there is no direction to keep). Computed on
+    theta / max|theta| when the plain norm overflows or underflows, so that huge finite weights (1e200)
+    keep their direction instead of becoming zeros; ordinary vectors are computed exactly as before."""
     theta = np.asarray(theta, dtype=np.float64)
-    norm = float(np.linalg.norm(theta))
-    return theta / norm if norm > 0 else theta.copy()
+    _require_finite(theta, "theta")
+    with np.errstate(over="ignore", under="ignore"):  # an overflow is handled below
+        norm = float(np.linalg.norm(theta))
+    if np.isfinite(norm) and norm > 1e-150:
+        return theta / norm
+    big = float(np.abs(theta).max(initial=0.0))
+    if big == 0.0:
+        return theta.copy()
+    scaled = theta / big
+    return scaled / float(np.linalg.norm(scaled))
 
 
 def l2_normalize_rows(thetas: np.ndarray) -> np.ndarray:
     """`l2_normalize` for each row of a 2-d array (all-zero rows stay zero)."""
     thetas = np.asarray(thetas, dtype=np.float64)
-    norms = np.linalg.norm(thetas, axis=1, keepdims=True)
-    return thetas / np.where(norms > 0, norms, 1.0)
+    _require_finite(thetas, "theta")
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.linalg.norm(thetas, axis=1, keepdims=True)
+    plain = np.isfinite(norms) & (norms > 1e-150)
+    if plain.all():
+        return thetas / norms
+    return np.vstack([l2_normalize(row) for row in thetas]).reshape(thetas.shape)
+
+
+def _require_finite(a: np.ndarray, what: str) -> None:
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what} holds {int((~np.isfinite(a)).sum())} values that are not finite")
 
 
 def logit(p: float) -> float:
@@ -39,6 +59,7 @@ def calibrate_intercept(theta: np.ndarray, X: np.ndarray, alpha: float, tol: flo
     if X.shape[0] == 0:
         raise ValueError("calibration needs at least one user")
     z = X @ np.asarray(theta, dtype=np.float64)
+    _require_finite(z, "X . theta")  # inf or nan logits have no calibrating shift
     if X.shape[0] == 1 or np.ptp(z) == 0.0:
         return logit(alpha) - float(z[0])  # exact closed form
     target = lambda d: float(sigmoid(z + d).mean()) - alpha  # noqa: E731

@@ -14,6 +14,7 @@ import numpy as np
 from llmhyper.data.contract import CTRData
 from llmhyper.ctr.normalize import calibration_users, neighbour_alpha
 from llmhyper.paths import cache_dir
+from llmhyper.retrieval.encoders import embed_ads, get_encoder
 from llmhyper.retrieval.index import AdIndex, Neighbour
 from llmhyper.ctr.warm import train_warm
 from llmhyper.weights import WeightTable
@@ -54,16 +55,12 @@ def ad_texts(data: CTRData, ad_ids: list[str], hide_titles: bool = False) -> lis
 
 
 def embed(data: CTRData, ad_ids: list[str], encoder, *, images: bool = True, hide_titles: bool = False) -> np.ndarray:
-    from llmhyper.retrieval.encoders import embed_ads
-
     paths = [data.ad_by_id[a].image if images else None for a in ad_ids]
     return embed_ads(encoder, ad_ids, ad_texts(data, ad_ids, hide_titles), paths, cache_dir() / "embeddings")
 
 
 def prepare(data: CTRData, *, encoder=None, k: int = 3, n_cal: int = 500, seed: int = 0,
             progress: bool = True) -> Prepared:
-    from llmhyper.retrieval.encoders import get_encoder
-
     encoder = encoder or get_encoder(DEFAULT_ENCODER)
     retired = train_warm(data, data.warm_ads, method="retired", progress=progress)
     lr_warm = train_warm(data, data.cold_ads, method="lr_warm", progress=progress, min_pos=1, min_neg=1)

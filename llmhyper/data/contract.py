@@ -14,8 +14,6 @@ what the trainers, the program and the metrics consume.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -23,11 +21,24 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmhyper.errors import DataError
+from llmhyper.data.tables import (
+    blank_cells,
+    find_table,
+    id_column,
+    is_missing,
+    one_line,
+    parse_rows,
+    read_frame,
+    read_impressions_arrow,
+    show,
+)
 
-SUFFIXES = (".jsonl", ".csv", ".parquet")
+RESERVED_COLUMNS = ("user", "__row__")
+IMPRESSION_COLUMNS = ("user", "ad", "clicked", "time")
+HUGE = 1e100  # feature columns with values beyond this are rescaled before z-scoring
 
 
 class Ad(BaseModel):
@@ -45,7 +56,14 @@ class Ad(BaseModel):
     @field_validator("id", mode="before")
     @classmethod
     def _id_as_str(cls, v: Any) -> Any:
-        return str(v) if isinstance(v, int) else v
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("id", "title")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
 
 
 class FeatureSpec(BaseModel):
@@ -54,6 +72,13 @@ class FeatureSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_'\-]*$")
     description: str = Field(min_length=3)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v in RESERVED_COLUMNS:
+            raise ValueError(f"'{v}' is reserved (the users table's id column), choose another feature name")
+        return v
 
 
 class Impression(BaseModel):
@@ -71,88 +96,6 @@ class Impression(BaseModel):
         return str(v) if isinstance(v, int) else v
 
 
-# -- reading rows ------------------------------------------------------------------------------
-
-def find_table(folder: Path, stem: str, required: bool = True) -> Path | None:
-    hits = [folder / f"{stem}{s}" for s in SUFFIXES if (folder / f"{stem}{s}").exists()]
-    if len(hits) > 1:
-        raise DataError(f"more than one '{stem}' table ({', '.join(p.name for p in hits)}); keep one",
-                        file=str(folder))
-    if not hits:
-        if required:
-            raise DataError(f"missing table '{stem}' (expected one of {', '.join(stem + s for s in SUFFIXES)})",
-                            file=str(folder))
-        return None
-    return hits[0]
-
-
-def read_frame(path: str | Path) -> pd.DataFrame:
-    """Read a JSONL, CSV or Parquet table as a DataFrame; raise DataError on bad syntax or no rows."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError("file not found", file=str(p))
-    suffix = p.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            rows = []
-            for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"not valid JSON ({exc.msg})", file=str(p), row=lineno) from None
-                if not isinstance(obj, dict):
-                    raise DataError("each line must be a JSON object", file=str(p), row=lineno)
-                obj["__row__"] = lineno
-                rows.append(obj)
-            df = pd.DataFrame(rows)
-        elif suffix == ".csv":
-            df = pd.read_csv(p, keep_default_na=True)
-            df["__row__"] = np.arange(2, len(df) + 2)  # line numbers: header is line 1
-        elif suffix == ".parquet":
-            df = pd.read_parquet(p)
-            df["__row__"] = np.arange(1, len(df) + 1)
-        else:
-            raise DataError(f"unsupported file type '{suffix}' (use .jsonl, .csv or .parquet)", file=str(p))
-    except DataError:
-        raise
-    except Exception as exc:  # parser errors from pandas/pyarrow: say which file
-        raise DataError(f"could not be read: {exc}", file=str(p)) from None
-    if len(df) == 0:
-        raise DataError("the table is empty", file=str(p))
-    return df
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def parse_rows(df: pd.DataFrame, model: type[BaseModel], path: str | Path) -> list[BaseModel]:
-    """Validate each row with a pydantic model; the first bad row raises DataError with its field."""
-    out = []
-    cols = [c for c in df.columns if c != "__row__"]
-    for rec in df.to_dict("records"):
-        row = int(rec.pop("__row__"))
-        data = {k: _clean(rec[k]) for k in cols if _clean(rec.get(k)) is not None}
-        if "metadata" in data and isinstance(data["metadata"], str):
-            try:
-                data["metadata"] = json.loads(data["metadata"])
-            except json.JSONDecodeError:
-                raise DataError("metadata must be a JSON object", file=str(path), row=row, field="metadata") from None
-        try:
-            out.append(model.model_validate(data))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            fld = ".".join(str(x) for x in err["loc"]) or None
-            raise DataError(err["msg"], file=str(path), row=row, field=fld) from None
-    return out
-
-
 # -- the four tables ---------------------------------------------------------------------------
 
 def read_ads(path: str | Path, image_root: str | Path | None = None, check_images: bool = True) -> list[Ad]:
@@ -166,12 +109,29 @@ def read_ads(path: str | Path, image_root: str | Path | None = None, check_image
             raise DataError(f"duplicate ad id '{ad.id}' (first at row {seen[ad.id]})", file=str(path), row=row,
                             field="id")
         seen[ad.id] = row
+        if not isinstance(ad.metadata.get("cold", False), bool):
+            raise DataError(f"'cold' must be true or false, got {show(ad.metadata['cold'])}", file=str(path),
+                            row=row, field="metadata.cold")
         if ad.image:
             img = Path(ad.image) if Path(ad.image).is_absolute() else root / ad.image
-            if check_images and not img.exists():
-                raise DataError(f"image file not found: {img}", file=str(path), row=row, field="image")
+            if check_images:
+                _check_image(img, path, row)
             ad.image = str(img)
     return ads
+
+
+def _check_image(img: Path, path: str | Path, row: int) -> None:
+    """The file exists and its header is an image format Pillow knows (reads a few bytes, not the pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not img.is_file():
+        raise DataError(f"image file not found: {img}", file=str(path), row=row, field="image")
+    try:
+        with Image.open(img):
+            pass
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"not a readable image: {img} ({one_line(exc, 80)})", file=str(path), row=row,
+                        field="image") from None
 
 
 def read_feature_specs(path: str | Path) -> list[FeatureSpec]:
@@ -201,7 +161,7 @@ def read_user_features(path: str | Path, specs: list[FeatureSpec]) -> tuple[list
     missing = [n for n in names if n not in df.columns]
     if missing:
         raise DataError(f"feature '{missing[0]}' is described but has no column", file=str(path), field=missing[0])
-    users = df["user"].astype(str).tolist()
+    users = id_column(df, "user", path).tolist()
     rows = df["__row__"].to_numpy()
     dup = pd.Series(users).duplicated()
     if dup.any():
@@ -209,26 +169,36 @@ def read_user_features(path: str | Path, specs: list[FeatureSpec]) -> tuple[list
         raise DataError(f"duplicate user '{users[i]}'", file=str(path), row=int(rows[i]), field="user")
     X = np.empty((len(df), len(names)), dtype=np.float64)
     for j, name in enumerate(names):
-        col = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=np.float64)
+        raw = df[name]
+        col = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)  # spaces around it are fine
         bad = ~np.isfinite(col)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"value {df[name].iloc[i]!r} is not a finite number", file=str(path),
+            what = ("missing value" if is_missing(raw.iloc[i])
+                    else f"value {show(raw.iloc[i])} is not a finite number")
+            raise DataError(f"{what} ({int(bad.sum())} bad cells in this column)", file=str(path),
                             row=int(rows[i]), field=name)
         X[:, j] = col
     return users, X
 
 
 def read_impressions(path: str | Path, users: list[str], ads: list[str]) -> pd.DataFrame:
-    """Impressions as a validated frame (user, ad, clicked). Large logs are read memory-mapped through
-    `datasets` (Arrow) and checked column-wise, not row by row."""
+    """Impressions as a validated frame (user, ad, clicked), one row per (user, ad). Large logs are read
+    memory-mapped through `datasets` (Arrow) and checked column-wise, not row by row.
+
+    Repeated rows of one user and ad with the same label count once; with opposite labels they are an error
+    (the log must say whether that user clicked that ad)."""
     p = Path(path)
-    df = _read_impressions_arrow(p) if p.suffix == ".parquet" else read_frame(p)
+    df = read_impressions_arrow(p) if p.suffix == ".parquet" else read_frame(p)
     for col in ("user", "ad", "clicked"):
         if col not in df.columns:
             raise DataError(f"no '{col}' column", file=str(p), field=col)
+    extra = [c for c in df.columns if c not in IMPRESSION_COLUMNS and c != "__row__"]
+    if extra:
+        raise DataError(f"unknown column '{extra[0]}' (an impression has {', '.join(IMPRESSION_COLUMNS)})",
+                        file=str(p), field=str(extra[0]))
     rows = df["__row__"].to_numpy()
-    df["user"], df["ad"] = df["user"].astype(str), df["ad"].astype(str)
+    df["user"], df["ad"] = id_column(df, "user", p), id_column(df, "ad", p)
     for col, known in (("user", set(users)), ("ad", set(ads))):
         unknown = ~df[col].isin(known).to_numpy()
         if unknown.any():
@@ -239,36 +209,65 @@ def read_impressions(path: str | Path, users: list[str], ads: list[str]) -> pd.D
     bad = clicked.isna().to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"clicked must be 0/1 or true/false, got {df['clicked'].iloc[i]!r}", file=str(p),
+        raise DataError(f"clicked must be 0/1 or true/false, got {show(df['clicked'].iloc[i])}", file=str(p),
                         row=int(rows[i]), field="clicked")
     df["clicked"] = clicked.astype(bool)
-    return df
+    if "time" in df.columns:
+        _check_times(df, p)
+    return _one_per_pair(df, p)
+
+
+def _check_times(df: pd.DataFrame, p: Path) -> None:
+    raw = df["time"]
+    if pd.api.types.is_datetime64_any_dtype(raw) or pd.api.types.is_numeric_dtype(raw):
+        return  # a timestamp type, or seconds since the epoch
+    given = ~blank_cells(raw)
+    if not given.any():
+        return
+    parsed = pd.to_datetime(raw[given].astype(str).str.strip(), errors="coerce", format="ISO8601", utc=True)
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(given)[np.flatnonzero(bad)[0]])
+        raise DataError(f"time must be an ISO 8601 date or date-time, got {show(raw.iloc[i])}", file=str(p),
+                        row=int(df["__row__"].iloc[i]), field="time")
+
+
+def _one_per_pair(df: pd.DataFrame, p: Path) -> pd.DataFrame:
+    dup = df.duplicated(["user", "ad"], keep=False).to_numpy()
+    if not dup.any():
+        return df
+    d = df[dup]
+    labels = d.groupby(["user", "ad"], sort=False)["clicked"].nunique()
+    clash = labels[labels > 1]
+    if len(clash):
+        user, ad = clash.index[0]
+        same = d[(d["user"] == user) & (d["ad"] == ad)]
+        r_click = int(same.loc[same["clicked"], "__row__"].iloc[0])
+        r_none = int(same.loc[~same["clicked"], "__row__"].iloc[0])
+        raise DataError(f"user '{user}' and ad '{ad}' appear at rows {min(r_click, r_none)} and "
+                        f"{max(r_click, r_none)} with opposite clicks ({len(clash)} such pairs); keep one "
+                        "impression per user and ad (e.g. clicked = any click)", file=str(p),
+                        row=max(r_click, r_none), field="clicked")
+    return df.drop_duplicates(["user", "ad"], keep="first")
 
 
 def _as_click(v: Any) -> bool | None:
-    if isinstance(v, bool | np.bool_):
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int | float) and v in (0, 1):
         return bool(v)
-    if isinstance(v, int | np.integer | float | np.floating) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("0", "1", "true", "false"):
-        return v.strip().lower() in ("1", "true")
+    if isinstance(v, str):
+        t = v.strip().lower()
+        if t in ("true", "false"):
+            return t == "true"
+        try:
+            f = float(t)
+        except ValueError:
+            return None
+        return bool(f) if f in (0.0, 1.0) else None
     return None
-
-
-def _read_impressions_arrow(p: Path) -> pd.DataFrame:
-    from llmhyper.paths import cache_dir
-
-    try:
-        from datasets import Dataset
-
-        ds = Dataset.from_parquet(str(p), cache_dir=str(cache_dir() / "datasets"))
-        df = ds.to_pandas()
-    except Exception:  # datasets missing or unhappy: plain parquet read
-        df = read_frame(p).drop(columns="__row__")
-    if len(df) == 0:
-        raise DataError("the table is empty", file=str(p))
-    df["__row__"] = np.arange(1, len(df) + 1)
-    return df
 
 
 # -- the joined data set -----------------------------------------------------------------------
@@ -312,11 +311,18 @@ class CTRData:
 
 
 def standardize(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Z-score every column with the mean and std of `rows` (train users only, so test users leak nothing)."""
-    mu = X[rows].mean(axis=0)
-    sd = X[rows].std(axis=0)
-    sd = np.where(sd > 1e-12, sd, 1.0)
-    return (X - mu) / sd, mu, sd
+    """Z-score every column with the mean and std of `rows` (train users only, so test users leak nothing).
+
+    A column with huge values (beyond 1e100, up to the float maximum ~1.8e308) is first divided by its
+    largest magnitude, so its sums cannot overflow; ordinary columns are computed exactly as before."""
+    X = np.asarray(X, dtype=np.float64)
+    big = np.abs(X).max(axis=0, initial=0.0)
+    scale = np.where(big > HUGE, big, 1.0)
+    Xs = X / scale
+    mu_s = Xs[rows].mean(axis=0)
+    sd_s = Xs[rows].std(axis=0)
+    sd_s = np.where(sd_s > 1e-12, sd_s, 1.0)
+    return (Xs - mu_s) / sd_s, mu_s * scale, sd_s * scale
 
 
 def split_users(n_users: int, test_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -324,6 +330,27 @@ def split_users(n_users: int, test_share: float, seed: int) -> tuple[np.ndarray,
     perm = rng.permutation(n_users)
     n_test = int(round(test_share * n_users))
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def check_usable(folder: Path, ad_ids: list[str], warm: list[str], cold: list[str], Y: np.ndarray,
+                 M: np.ndarray, train: np.ndarray) -> None:
+    """A folder the pipeline can work with: some cold ads (the targets) and some warm ads with both a click
+    and a non-click among the train users (else no warm model, hence no few-shot example, can be fit)."""
+    if not cold:
+        raise DataError("no cold ads: every ad has impressions; mark the new ads with metadata "
+                        '{"cold": true} or leave them without impressions', file=str(folder))
+    if not warm:
+        raise DataError("no warm ads: every ad is cold (marked cold or never shown); the program learns from "
+                        "warm ads with impressions", file=str(folder))
+    pos_of = {a: i for i, a in enumerate(ad_ids)}
+    cols = [pos_of[a] for a in warm]
+    shown = M[np.ix_(train, cols)]
+    pos = (Y[np.ix_(train, cols)].astype(bool) & shown).sum(axis=0)
+    neg = shown.sum(axis=0) - pos
+    if not ((pos > 0) & (neg > 0)).any():
+        raise DataError(f"too few clicks to train any warm model: none of the {len(warm)} warm ads has "
+                        f"both a click and a non-click among the {len(train)} train users ({int(pos.sum())} clicks, "
+                        f"{int(neg.sum())} non-clicks in all)", file=str(folder))
 
 
 def load_folder(folder: str | Path, *, test_share: float = 0.2, seed: int = 0,
@@ -345,15 +372,16 @@ def load_folder(folder: str | Path, *, test_share: float = 0.2, seed: int = 0,
     ui = imp["user"].map(uidx).to_numpy()
     ai = imp["ad"].map(aidx).to_numpy()
     M[ui, ai] = True
-    np.maximum.at(Y, (ui, ai), imp["clicked"].to_numpy().astype(np.uint8))
+    Y[ui, ai] = imp["clicked"].to_numpy().astype(np.uint8)  # one row per (user, ad) after read_impressions
     train, test = split_users(len(users), test_share, seed)
     if do_standardize:
         X, _, _ = standardize(X, train)
     # cold = never shown, or marked `metadata.cold` (its impressions then serve only for evaluation)
     shown = M.any(axis=0)
-    marked = [bool(a.metadata.get("cold")) for a in ads]
+    marked = [a.metadata.get("cold") is True for a in ads]
     cold = [a for a, s, m in zip(ad_ids, shown, marked, strict=True) if m or not s]
     warm = [a for a, s, m in zip(ad_ids, shown, marked, strict=True) if s and not m]
+    check_usable(folder, ad_ids, warm, cold, Y, M, train)
     card = {"source": str(folder), "users": len(users), "ads": len(ads), "features": len(specs),
             "impressions": int(M.sum()), "clicks": int(Y.sum()), "warm_ads": len(warm), "cold_ads": len(cold),
             "test_users": len(test), "seed": seed, "standardized": do_standardize}

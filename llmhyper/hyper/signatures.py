@@ -31,9 +31,11 @@ class PredictFeatureWeights(dspy.Signature):
     ad: str = dspy.InputField(desc="the new ad: title, description and image tags")
     examples: str = dspy.InputField(desc="similar past ads: similarity to the new ad and observed click rate")
     features: str = dspy.InputField(
-        desc="the features of this batch: name, definition, and each past ad's trained weight")
+        desc="the features of this batch: name, definition, and each past ad's trained weight"
+    )
     weights: dict[str, float] = dspy.OutputField(
-        desc="one weight per feature of this batch, keyed by the exact feature name")
+        desc="one weight per feature of this batch, keyed by the exact feature name"
+    )
 
 
 class JudgeWeights(dspy.Signature):
@@ -50,6 +52,8 @@ class JudgeWeights(dspy.Signature):
     reasoning: str = dspy.InputField(desc="the reasoning that produced the weights")
     weights: dict[str, float] = dspy.InputField(desc="the weights, feature name -> weight")
     inconsistent_features: list[str] = dspy.OutputField(
-        desc="features whose weight sign contradicts the reasoning (empty if none)")
+        desc="features whose weight sign contradicts the reasoning (empty if none)"
+    )
     improper_features: list[str] = dspy.OutputField(
-        desc="features whose pairing with this ad is improper (empty if none)")
+        desc="features whose pairing with this ad is improper (empty if none)"
+    )

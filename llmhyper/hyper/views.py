@@ -4,7 +4,6 @@ servable record (prior fill for failed features, L2 norm, intercept shift)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -13,24 +12,30 @@ import numpy as np
 from llmhyper.ctr.baselines import knn_prior
 from llmhyper.ctr.normalize import normalize_and_calibrate
 from llmhyper.ctr.prepare import Prepared
+from llmhyper.errors import DataError
 from llmhyper.paths import cache_dir
 from llmhyper.retrieval.encoders import ad_key
-from llmhyper.store import write_json_atomic
-
+from llmhyper.store import read_json, write_json_atomic
 
 # -- inputs of the program --------------------------------------------------------------------
+
 
 def captions_for(prep: Prepared, encoder, ad_ids: list[str]) -> dict[str, str]:
     """Zero-shot image tags for ads with an image, cached by image content per encoder."""
     path = cache_dir() / "captions" / f"{encoder.name}.json"
-    cache = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        cache = read_json(path, "caption cache") if path.exists() else {}
+    except DataError:  # a damaged cache is only lost work: caption again
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
     need = {a: prep.data.ad_by_id[a].image for a in ad_ids if prep.data.ad_by_id[a].image}
     keys = {a: ad_key("", img) for a, img in need.items()}
     todo = [a for a in need if keys[a] not in cache]
     if todo:
         print(f"llmhyper: captioning {len(todo)} images ...", file=sys.stderr)
         for start in range(0, len(todo), 32):
-            chunk = todo[start:start + 32]
+            chunk = todo[start : start + 32]
             for a, cap in zip(chunk, encoder.captions([need[a] for a in chunk]), strict=True):
                 cache[keys[a]] = cap
             write_json_atomic(path, cache)
@@ -51,9 +56,16 @@ def demonstrations(prep: Prepared, ad_id: str, captions: dict[str, str]) -> list
         j = data.ad_index[nb.ad_id]
         shown = data.M[data.train_users, j]
         ctr = float(data.Y[data.train_users, j][shown].mean()) if shown.any() else float("nan")
-        out.append({**ad_view(prep, nb.ad_id, captions), "similarity": float(nb.similarity), "ctr": ctr,
-                    "weights": {f: round(float(w), 2) for f, w in zip(pool.feature_names, pool.theta[row],
-                                                                     strict=True)}})
+        out.append(
+            {
+                **ad_view(prep, nb.ad_id, captions),
+                "similarity": float(nb.similarity),
+                "ctr": ctr,
+                "weights": {
+                    f: round(float(w), 2) for f, w in zip(pool.feature_names, pool.theta[row], strict=True)
+                },
+            }
+        )
     return out
 
 
@@ -62,6 +74,7 @@ def knn_prior_vector(prep: Prepared, ad_id: str) -> np.ndarray:
 
 
 # -- one ad -----------------------------------------------------------------------------------
+
 
 def finish_ad(prep: Prepared, ad_id: str, pred, feature_names: list[str]) -> dict[str, Any]:
     """Raw LLM weights -> (prior fill for failed features, recorded) -> L2 norm -> intercept shift."""
@@ -76,8 +89,11 @@ def finish_ad(prep: Prepared, ad_id: str, pred, feature_names: list[str]) -> dic
     alpha = prep.alphas[ad_id]
     theta_n, delta = normalize_and_calibrate(theta, prep.X_cal, alpha)
     status = "ok" if not filled else ("failed" if not raw else "partial")
-    return {"status": status, "raw_weights": raw, "filled_from_knn_prior": filled,
-            "normalized_weights": dict(zip(feature_names, theta_n.round(6).tolist(), strict=True)),
-            "delta": delta, "alpha": alpha}
-
-
+    return {
+        "status": status,
+        "raw_weights": raw,
+        "filled_from_knn_prior": filled,
+        "normalized_weights": dict(zip(feature_names, theta_n.round(6).tolist(), strict=True)),
+        "delta": delta,
+        "alpha": alpha,
+    }

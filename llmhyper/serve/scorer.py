@@ -25,6 +25,7 @@ a {name: value} mapping or a list and checks names, length and finiteness.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -202,6 +203,19 @@ class Snapshot:
                    _frozen(b.astype(np.float32)), tuple(sources), kept, float(flag_threshold), version,
                    datetime.now(UTC).isoformat(timespec="seconds"), dict(paths or {}),
                    _frozen(np.array(cols, dtype=np.intp)), _frozen(mask), apos, fpos)
+
+    def with_weights(self, theta: np.ndarray, intercept: np.ndarray, version: str) -> Snapshot:
+        """The same ads, sources and flags with other weights: `theta` (ads, features) in this snapshot's
+        ad and feature order (the feedback worker's posterior means, or a Thompson draw)."""
+        theta = np.asarray(theta, dtype=np.float32)
+        intercept = np.asarray(intercept, dtype=np.float32).reshape(-1)
+        if theta.shape != (self.n_ads, self.n_features) or intercept.shape != (self.n_ads,):
+            raise ValueError(f"weights of shape {theta.shape} do not fit {self.n_ads} ads x "
+                             f"{self.n_features} features")
+        if not (np.isfinite(theta).all() and np.isfinite(intercept).all()):
+            raise DataError("non-finite weights")
+        return dataclasses.replace(self, theta=_frozen(theta.T), intercept=_frozen(intercept),
+                                   version=version, loaded_at=datetime.now(UTC).isoformat(timespec="seconds"))
 
     # -- facts --------------------------------------------------------------------------------
     @property
@@ -411,6 +425,13 @@ class Scorer:
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+    def swap(self, snapshot: Snapshot) -> None:
+        """Serve `snapshot` from now on (the feedback worker's refits); same features required."""
+        if snapshot.feature_names != self._snapshot.feature_names:
+            raise FeatureError("a swapped-in snapshot must have the served features")
+        with self._lock:
+            self._snapshot = snapshot
 
     def reload(self) -> Snapshot:
         """Re-read the artifact directories and swap in the new snapshot (same flag threshold)."""

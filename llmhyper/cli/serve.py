@@ -1,0 +1,119 @@
+"""`llmhyper serve`: rank ads over HTTP (POST /rank, GET /health, POST /reload; POST /feedback with a log)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llmhyper._lazy import require
+from llmhyper.cli.common import finite_float, positive_int
+from llmhyper.serve.app import DEFAULT_HOST, DEFAULT_PORT, create_app, host_warning
+from llmhyper.serve.feedback import FeedbackService, FeedbackSettings
+from llmhyper.serve.scorer import Scorer
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve ad rankings over HTTP (POST /rank, /feedback, GET /health, POST /reload)",
+        description="Serve ad rankings over HTTP. With --feedback-log, POST /feedback takes "
+        "impression events, logs them durably and refines each ad's weights from its "
+        "prior (Bayesian logistic regression, refitted in the background).",
+    )
+    p.add_argument("--weights", required=True, help="generated weight artifact folder (e.g. RUN/weights)")
+    p.add_argument("--trained", help="artifact of trained per-ad models; these ads are served from it")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument(
+        "--flag-threshold",
+        type=float,
+        default=1.0,
+        help="drop a judge-flagged ad for users with |standardised flagged feature| >= this",
+    )
+    p.add_argument(
+        "--catalog",
+        choices=["generated", "union"],
+        default="generated",
+        help="serve the generated ads or also ads only the trained artifact has",
+    )
+    p.add_argument("--log-level", default="info")
+    fb = p.add_argument_group("online feedback (off unless --feedback-log is given)")
+    fb.add_argument("--feedback-log", help="the durable event log (JSONL); replayed on start")
+    fb.add_argument(
+        "--prior-precision",
+        type=positive_float,
+        default=5.0,
+        help="prior precision on each weight (`llmhyper warmup` reports the empirical-Bayes one)",
+    )
+    fb.add_argument(
+        "--prior-intercept-precision",
+        type=positive_float,
+        help="the intercept's prior precision (default: --prior-precision)",
+    )
+    fb.add_argument("--refit-every", type=positive_int, default=100, help="refit after this many new events")
+    fb.add_argument("--refit-seconds", type=positive_float, default=2.0, help="... or after this long")
+    fb.add_argument(
+        "--users",
+        help="table of known users (user + every served feature, standardised), so "
+        "events may name a user instead of sending features",
+    )
+    fb.add_argument(
+        "--thompson",
+        action="store_true",
+        help="rank by a Thompson draw from the posterior (exploration) instead of the posterior mean",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    uvicorn = require("uvicorn", "serve", "llmhyper serve")
+    scorer = Scorer.from_dirs(args.weights, args.trained, args.flag_threshold, catalog=args.catalog)
+    warning = host_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr)
+    feedback = None
+    if args.feedback_log:
+        settings = FeedbackSettings(
+            log=Path(args.feedback_log),
+            precision=args.prior_precision,
+            intercept_precision=args.prior_intercept_precision,
+            refit_every=args.refit_every,
+            refit_seconds=args.refit_seconds,
+            thompson=args.thompson,
+            users=Path(args.users) if args.users else None,
+        )
+        feedback = FeedbackService.open(scorer.snapshot, settings, publish=scorer.swap).start()
+        h = feedback.health(per_ad=False)
+        print(
+            f"llmhyper serve: feedback log {args.feedback_log}: {h['logged_events']} events replayed "
+            f"(applied through {h['applied_through']}, {h['pending']} pending)",
+            file=sys.stderr,
+        )
+    elif args.thompson or args.users:
+        print("llmhyper serve: warning: --thompson and --users need --feedback-log; ignored", file=sys.stderr)
+    snap = scorer.snapshot
+    print(
+        f"llmhyper serve: {snap.n_ads} ads, {snap.n_features} features, version {snap.version} "
+        f"on http://{args.host}:{args.port}",
+        file=sys.stderr,
+    )
+    try:
+        uvicorn.run(
+            create_app(scorer, feedback),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=False,
+        )
+    finally:
+        if feedback is not None:
+            feedback.stop()
+    return 0

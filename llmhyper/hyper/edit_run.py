@@ -1,0 +1,137 @@
+"""Running the edit program over ads, resumably, and fitting its gate.
+
+`edit_ads` runs the program on each ad (a cold ad, or a retired ad treated as cold during compile, whose
+prior is out of fold and whose neighbours exclude itself) and keeps one record per ad in a `RunDir`: the
+labels and their distributions, tokens, seconds. Because a record keeps the labels, the weights for any
+gamma are recomputed from the records without calling the LM again (`edit_table`).
+
+`compile_gate` is the compile of this shape: on held-out retired ads it fits gamma on one half and scores
+the other half's pooled AUC with gamma = 0 (the prior alone) and with the fitted gamma.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from llmhyper.ctr.metrics import pooled_auc
+from llmhyper.ctr.prepare import Prepared
+from llmhyper.errors import LLMHyperError
+from llmhyper.hyper.edit import EditProgram, fit_gamma
+from llmhyper.hyper.edit_inputs import EditContext, edit_examples, edit_weights, finish_edit
+from llmhyper.hyper.views import ad_view
+from llmhyper.runs import RunDir
+from llmhyper.store import now
+from llmhyper.weights import WeightTable
+
+METHOD = "llm_edit"
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    n_ads: int = 40  # held-out retired ads the program runs on
+    seed: int = 0
+    max_gamma: float = 2.0
+
+
+def edit_ads(prep: Prepared, ctx: EditContext, program: EditProgram, ad_ids: list[str], run: RunDir,
+             settings: dict[str, Any], captions: dict[str, str], neighbours: dict[str, list] | None = None,
+             progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Run the program on every ad without a finished record; returns all finished records by ad id."""
+    features = [f.model_dump() for f in prep.data.features]
+    done = run.finished()
+    todo = [a for a in ad_ids if a not in done]
+    for i, ad_id in enumerate(todo, 1):
+        t0 = time.time()
+        nbs = (neighbours or prep.neighbours)[ad_id]
+        record: dict[str, Any] = {"ad_id": ad_id, "title": prep.data.ad_by_id[ad_id].title,
+                                  "neighbours": [{"id": n.ad_id, "similarity": round(float(n.similarity), 4)}
+                                                 for n in nbs]}
+        try:
+            pred = program(ad=ad_view(prep, ad_id, captions),
+                           examples=edit_examples(prep, ctx, ad_id, captions, nbs), features=features,
+                           prior=ctx.prior_weights(ad_id))
+        except LLMHyperError:
+            raise
+        except Exception as exc:  # one ad's trouble must not stop the run; it is retried on resume
+            record.update({"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        else:
+            record.update({"status": "ok" if not pred.failed_features else "partial", "edits": pred.edits,
+                           "distributions": pred.distributions, "failed_features": pred.failed_features,
+                           "attempts": pred.attempts, "calls": pred.calls, "parse_failures": pred.parse_failures,
+                           "tokens": pred.tokens})
+        record["seconds"] = round(time.time() - t0, 2)
+        run.write_record(ad_id, record, settings)
+        if progress:
+            cached = all(a.get("cached") for a in record.get("attempts", [])) and record.get("attempts")
+            print(f"llmhyper: edit {i}/{len(todo)} {ad_id} {record['status']} {record['seconds']} s"
+                  f" ({record.get('tokens', {}).get('prompt_tokens', 0)} prompt tokens"
+                  f"{', cached' if cached else ''})", file=sys.stderr, flush=True)
+    return run.finished()
+
+
+def edit_table(prep: Prepared, ctx: EditContext, records: dict[str, dict[str, Any]], ad_ids: list[str],
+               gamma: float, calibrate: bool, method: str = METHOD) -> WeightTable:
+    """The servable artifact for the ads with a record: prior + gamma * edit * unit, with the prior's own
+    intercept (`calibrate=False`) or through the normaliser (L2 norm + shift to the neighbours' alpha)."""
+    ids = [a for a in ad_ids if a in records]
+    thetas, bs = [], []
+    for a in ids:
+        if calibrate:
+            rec = finish_edit(prep, ctx, a, records[a]["edits"], gamma, prep.alphas[a])
+            thetas.append([rec["normalized_weights"][f] for f in ctx.feature_names])
+            bs.append(rec["delta"])
+        else:
+            theta, b = edit_weights(ctx, a, records[a]["edits"], gamma)
+            thetas.append(theta)
+            bs.append(b)
+    d = len(ctx.feature_names)
+    return WeightTable(method, ids, ctx.feature_names, np.array(thetas).reshape(len(ids), d), np.array(bs),
+                       meta={"gamma": gamma, "calibrated": calibrate, "prior": ctx.prior.meta.get("chosen_by"),
+                             "prior_inputs": ctx.prior.inputs, "prior_alpha": ctx.prior.alpha})
+
+
+def validation_ads(prep: Prepared, settings: GateSettings) -> list[str]:
+    rng = np.random.default_rng(settings.seed)
+    pool = list(prep.retired.ad_ids)
+    return [pool[i] for i in sorted(rng.choice(len(pool), size=min(settings.n_ads, len(pool)), replace=False))]
+
+
+def gate_scores(prep: Prepared, ctx: EditContext, records: dict[str, dict[str, Any]], ids: list[str],
+                gamma: float) -> float:
+    """Pooled AUC over train users x `ids` (retired ads held out) of the prior edited with `gamma`."""
+    data = prep.data
+    users = data.train_users
+    _, Y, M = data.block(users, ids)
+    th = np.stack([edit_weights(ctx, a, records[a]["edits"], gamma)[0] for a in ids])
+    b = np.array([ctx.intercept[a] for a in ids])
+    return float(pooled_auc(Y, data.X[users] @ th.T + b, mask=M))
+
+
+def compile_gate(prep: Prepared, ctx: EditContext, program: EditProgram, run: RunDir, captions: dict[str, str],
+                 settings: GateSettings, run_settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Run the program on held-out retired ads, fit gamma on half of them, score the other half."""
+    ids = validation_ads(prep, settings)
+    nbs = prep.neighbours_of(ids)  # from the other retired ads: an ad never retrieves itself
+    records = edit_ads(prep, ctx, program, ids, run, run_settings, captions, nbs, progress)
+    ok = [a for a in ids if a in records]
+    if len(ok) < 4:
+        raise LLMHyperError(f"only {len(ok)} of {len(ids)} validation ads have labels; cannot fit gamma")
+    fit, check = ok[::2], ok[1::2]
+    pool = prep.retired
+    rows = pool.index_of(fit)
+    edits = np.array([[records[a]["edits"].get(f, np.nan) for f in ctx.feature_names] for a in fit])
+    prior = np.stack([ctx.theta[a] for a in fit])
+    gamma = fit_gamma(prior, edits, ctx.units, pool.theta[rows], settings.max_gamma)
+    before = gate_scores(prep, ctx, records, check, 0.0)
+    after = gate_scores(prep, ctx, records, check, gamma)
+    calls = sum(int(r.get("calls", 0)) for r in records.values())
+    return {"gamma": gamma, "validation_auc_prior": before, "validation_auc_edited": after,
+            "fit_ads": fit, "check_ads": check, "metric_calls": len(ok), "lm_calls": calls,
+            "parse_failures": sum(int(r.get("parse_failures", 0)) for r in records.values()),
+            "seconds": round(sum(float(r.get("seconds", 0)) for r in records.values()), 1),
+            "settings": asdict(settings), "finished": now()}
