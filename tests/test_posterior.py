@@ -75,6 +75,9 @@ def test_warm_start_equals_refit_on_each_batch_as_prior(world):
     # the mode does not depend on where the solver starts
     other = po.fit(p0, X, y, s, start=np.full(len(p0.mean), 3.0))
     np.testing.assert_allclose(other.mean, batch.mean, atol=1e-9)
+    newton = po.fit(p0, X, y, po.PosteriorSettings(precision=2.0, solver="newton"))
+    np.testing.assert_allclose(newton.mean, batch.mean, atol=1e-9)  # the other solver: the same mode
+    np.testing.assert_allclose(newton.precision, batch.precision, atol=1e-8)
 
 
 def test_map_solves_the_penalised_likelihood():

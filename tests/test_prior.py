@@ -20,7 +20,7 @@ from llmhyper.errors import DataError
 from tests.fakes import HashEncoder
 
 
-def _prep(world, tmp_path_factory, monkeypatch_env=None):
+def _prep(world, tmp_path_factory):
     import os
 
     os.environ["LLMHYPER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
@@ -115,7 +115,8 @@ def test_save_load_roundtrip(prep, world, tmp_path):
     ids = prep.retired.ad_ids
     ads = [world.data.ad_by_id[a] for a in ids]
     blocks = pr.ad_blocks(prep, ids)
-    prior, _ = pr.select_prior(prep, blocks, pr.PriorSettings(alphas=(1.0, 10.0), inputs=("meta", "date", "vector")))
+    settings = pr.PriorSettings(alphas=(1.0, 10.0), inputs=("meta", "date", "vector"))
+    prior, _ = pr.select_prior(prep, blocks, settings)
     prior.save(tmp_path / "p")
     assert not any(p.suffix in (".pkl", ".pickle") for p in (tmp_path / "p").iterdir())
     back = pr.RidgePrior.load(tmp_path / "p")
@@ -197,6 +198,9 @@ def test_evaluate_shows_ridge_rows_and_pairs_against_best_prior(prep, world):
     assert res["best_prior"] == best and res["bars"][0] == best and "knn_cal" in res["bars"]
     assert all(f"vs_{b}" in res["methods"]["truth"] for b in res["bars"])
     assert res["prior"]["inputs"] and "alpha" in res["prior"]
+    by_inputs = res["prior"]["cv_auc_by_inputs"]
+    assert "+".join(res["prior"]["inputs"]) in by_inputs and "vector" in by_inputs
+    assert max(v["cv_auc"] for v in by_inputs.values()) == res["prior"]["cv_auc"]
     table = markdown_table(res)
     assert "| ridge |" in table and "| ridge_cal |" in table
     assert f"Paired against {best} (the best prior" in table

@@ -11,12 +11,12 @@ import pytest
 ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed (pip install -e '.[ray]')")
 pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install -e '.[ray]')")
 
-from llmhyper.cli import score as score_cmd  # noqa: E402
-from llmhyper.errors import DataError  # noqa: E402
-from llmhyper.serve.batch import ScoreSettings, score_file  # noqa: E402
-from llmhyper.serve.ray_jobs import RaySettings, score_file_ray  # noqa: E402
-from llmhyper.serve.scorer import Scorer  # noqa: E402
-from tests.test_score import assert_same_top, make_world, users_frame, write_users  # noqa: E402
+from llmhyper.cli import score as score_cmd
+from llmhyper.errors import DataError
+from llmhyper.serve.batch import ScoreSettings, score_file
+from llmhyper.serve.ray_jobs import RaySettings, score_file_ray
+from llmhyper.serve.scorer import Scorer
+from tests.test_score import assert_same_top, make_world, users_frame, write_users
 
 
 @pytest.fixture(scope="module")

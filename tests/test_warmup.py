@@ -29,24 +29,24 @@ def world():
     s = generate_synthetic(n_users=400, n_warm=50, n_cold=10, seed=1)
     prep = prepare(s.data, encoder=HashEncoder(), k=3, progress=False)
     truth = s.truth.subset(s.data.cold_ads)
-    truth.method = "truth"
+    truth.method = "oracle"  # an artifact; the synthetic world also has a "truth" baseline
     return s, prep, truth
 
 
 @pytest.fixture(scope="module")
 def result(world):
     _, prep, truth = world
-    return wu.run_warmup(prep, ["lr_cold", "knn_cal"], {"truth": truth}, SETTINGS, encoder=HashEncoder())
+    return wu.run_warmup(prep, ["lr_cold", "knn_cal"], {"oracle": truth}, SETTINGS, encoder=HashEncoder())
 
 
 def test_simulation_shape_and_what_it_shows(result):
-    assert list(result["priors"]) == ["none", "lr_cold", "knn_cal", "truth"]
+    assert list(result["priors"]) == ["none", "lr_cold", "knn_cal", "oracle"]
     assert result["impressions"] == [0, 10, 40, 160] and result["n_ads"] == 10
     auc = {name: [c["value"] for c in row["curve"]["auc"]] for name, row in result["priors"].items()}
     assert auc["none"][0] == pytest.approx(0.5)  # no prior, no data: no ranking
-    assert auc["truth"][0] > auc["knn_cal"][0] > auc["none"][0]  # better weights start higher
+    assert auc["oracle"][0] > auc["knn_cal"][0] > auc["none"][0]  # better weights start higher
     assert auc["none"][-1] > auc["none"][1] > auc["none"][0]  # data teach the no-prior model
-    assert auc["truth"][-1] > 0.95 * result["lr_warm"]["auc"]["value"]
+    assert auc["oracle"][-1] > 0.95 * result["lr_warm"]["auc"]["value"]
     for name, row in result["priors"].items():
         for m in wu.WARMUP_METRICS:
             cells = row["curve"][m]
@@ -59,9 +59,9 @@ def test_simulation_shape_and_what_it_shows(result):
         assert len(row["auc_per_repeat"]) == 2
     # the headline: the true weights need no impressions; none needs the most
     need = {n: r["impressions_to_target"] for n, r in result["priors"].items()}
-    assert need["truth"] == 0.0
-    assert need["none"] is None or need["none"] > need["truth"]
-    assert result["priors"]["truth"]["saved_vs_none"]["value"] > 0
+    assert need["oracle"] == 0.0
+    assert need["none"] is None or need["none"] > need["oracle"]
+    assert result["priors"]["oracle"]["saved_vs_none"]["value"] > 0
     json.dumps(result)  # JSON-safe
 
 
@@ -73,7 +73,7 @@ def test_precisions_come_from_retired_ads(result):
         assert len(rows[name]["eb"]["candidates"]) == (3 if name == "none" else 6)
     assert rows["none"]["intercept_precision"] == wu.FLAT
     # the synthetic truth covers no retired ad... it is given the cold ads only: it borrows knn_cal's
-    assert rows["truth"]["precision"] == rows["knn_cal"]["precision"] and "knn_cal's" in rows["truth"]["from"]
+    assert rows["oracle"]["precision"] == rows["knn_cal"]["precision"] and "knn_cal's" in rows["oracle"]["from"]
 
 
 def test_retired_split_holds_ads_out_of_the_pool(world):
@@ -89,7 +89,7 @@ def test_retired_split_holds_ads_out_of_the_pool(world):
 
 def test_markdown_and_svg(result, tmp_path):
     text = wu.markdown(result)
-    assert "| AUC at impressions per ad | none | lr_cold | knn_cal | truth |" in text
+    assert "| AUC at impressions per ad | none | lr_cold | knn_cal | oracle |" in text
     assert "impressions to 95% of LR_warm AUC" in text and "LR_warm (all train users)" in text
     svg = wu.svg(result)
     root = ET.fromstring(svg)  # well-formed

@@ -19,7 +19,7 @@ from llmhyper.weights import WeightTable
 # rows evaluate makes itself (and the pool --save writes): an artifact by one of these names is refused up
 # front, and again against the actual baselines below
 BASELINE_NAMES = ("lr_warm", "lr_cold", "knn", "knn_cal", "ridge", "ridge_cal", "popularity", "random",
-                  "embsim", "retired")
+                  "embsim", "retired", "truth")
 
 
 def add_parser(sub) -> None:

@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from llmhyper.cli.common import add_data_args, data_settings, finite_float, non_negative_float, positive_int
+from llmhyper.cli.common import (
+    add_data_args,
+    data_settings,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from llmhyper.hyper.generate import run_generate
 from llmhyper.hyper.program import DEFAULT_PROGRAM
 from llmhyper.hyper.settings import GenerateSettings, judge_settings_for
@@ -55,6 +62,41 @@ def add_parser(sub) -> None:
         "other LMs)",
     )
     p.add_argument("--force", action="store_true", help="continue a run folder made with other settings")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="ads in flight at once (default 1). Any OpenAI-compatible server (vLLM, Ollama, a hosted API) "
+        "is called by N threads; the embedded model gets N servers that share --threads (one thread "
+        "at least each). With --ray: ads in flight over the Ray actors",
+    )
+    p.add_argument(
+        "--retries",
+        type=non_negative_int,
+        help="DSPy's retries of one LM call on HTTP 429, 5xx, timeouts and dropped connections, with "
+        "exponential backoff or the server's Retry-After (default: DSPy's 3; 1 for the embedded model)",
+    )
+    p.add_argument(
+        "--ad-retries",
+        type=non_negative_int,
+        default=2,
+        help="reruns of an ad whose LM call still failed that way (its answered calls come from the "
+        "cache; each rerun is recorded in the ad's record)",
+    )
+    p.add_argument(
+        "--retry-wait",
+        type=non_negative_float,
+        default=2.0,
+        help="seconds before the first rerun of an ad, doubled each time (capped at 60), unless the "
+        "server sends Retry-After",
+    )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="run the ads as Ray actors (pip extra 'ray'); this process still writes the run folder",
+    )
+    p.add_argument("--ray-address", help="with --ray: join this cluster ('auto', 'ray://HOST:10001'); "
+                   "default: a local Ray")
     p.set_defaults(func=run)
 
 
@@ -66,6 +108,7 @@ def settings_from(args: argparse.Namespace) -> GenerateSettings:
         max_tokens=args.max_tokens,
         frequency_penalty=args.frequency_penalty,
         n_threads=args.threads,
+        num_retries=args.retries,
     )
     ads = None if args.ads is None else tuple(a.strip() for a in args.ads.split(",") if a.strip())
     return GenerateSettings(
@@ -83,6 +126,11 @@ def settings_from(args: argparse.Namespace) -> GenerateSettings:
         limit=args.limit,
         ads=ads,
         force=args.force,
+        workers=args.workers,
+        ad_retries=args.ad_retries,
+        retry_wait=args.retry_wait,
+        ray=args.ray,
+        ray_address=args.ray_address,
     )
 
 

@@ -61,6 +61,12 @@ def add_parser(sub) -> None:
     fb.add_argument("--refit-every", type=positive_int, default=100, help="refit after this many new events")
     fb.add_argument("--refit-seconds", type=positive_float, default=2.0, help="... or after this long")
     fb.add_argument(
+        "--refit-solver",
+        choices=["lbfgs", "newton"],
+        default="lbfgs",
+        help="MAP solver of each refit (the same mode; newton is faster for one ad)",
+    )
+    fb.add_argument(
         "--users",
         help="table of known users (user + every served feature, standardised), so "
         "events may name a user instead of sending features",
@@ -85,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             log=Path(args.feedback_log),
             precision=args.prior_precision,
             intercept_precision=args.prior_intercept_precision,
+            solver=args.refit_solver,
             refit_every=args.refit_every,
             refit_seconds=args.refit_seconds,
             thompson=args.thompson,

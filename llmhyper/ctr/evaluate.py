@@ -45,6 +45,8 @@ def baseline_methods(prep: Prepared, encoder=None, seed: int = 0,
     }
     if encoder is not None:
         methods["embsim"] = embedding_similarity(prep, encoder, seed)
+    if data.truth is not None:  # a synthetic world: the weights that generated the clicks, as the ceiling
+        methods["truth"] = data.truth.subset(cold).aligned(data.feature_names)
     return methods
 
 
@@ -154,7 +156,15 @@ def _prior_info(methods: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(m, WeightTable):
         return None
     keep = ("inputs", "alpha", "chosen_by", "cv_auc", "cv_mse", "n_fit_ads", "encoder")
-    return {k: m.meta[k] for k in keep if k in m.meta}
+    info = {k: m.meta[k] for k in keep if k in m.meta}
+    by_inputs: dict[str, dict[str, float]] = {}  # each input set at its best penalty
+    for c in m.meta.get("candidates", []):
+        key = "+".join(c["inputs"])
+        if key not in by_inputs or c["score"] > by_inputs[key]["cv_auc"]:
+            by_inputs[key] = {"cv_auc": c["score"], "alpha": c["alpha"]}
+    if by_inputs:
+        info["cv_auc_by_inputs"] = by_inputs
+    return info
 
 
 def _fmt(cell: dict[str, Any]) -> str:
@@ -185,6 +195,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         p = result["prior"]
         lines += ["", f"ridge prior: inputs {'+'.join(p.get('inputs', []))}, penalty {p.get('alpha')}, "
                       f"{p.get('chosen_by', '')}."]
+        if p.get("cv_auc_by_inputs"):
+            lines.append("CV AUC by inputs (at its best penalty): " + ", ".join(
+                f"{k} {v['cv_auc']:.3f}" for k, v in sorted(p["cv_auc_by_inputs"].items(),
+                                                           key=lambda kv: -kv[1]["cv_auc"])) + ".")
     sub = " (subset of cold ads covered by every artifact)" if result["ads_subset"] else ""
     lines.append("")
     lines.append(f"{result['dataset']}: {result['n_test_users']} test users x {result['n_ads']} cold ads{sub}, "

@@ -1,16 +1,17 @@
 """Bayesian logistic regression per ad, centred on any weight artifact: the prior a cold ad starts from and
 the posterior its first clicks turn it into.
 
-    w = (theta, intercept) ~ N(prior mean, precision^-1);   click ~ Bernoulli(sigmoid(theta . x + intercept))
+    w = (theta, intercept) ~ N(prior mean, diag(precision)^-1);   click ~ Bernoulli(sigmoid(theta . x + b))
 
 `fit(prior, X, y)` finds the MAP by L-BFGS (scipy), polishes it with Newton steps (so two starts give the
 same mode to ~1e-12), and returns the Laplace posterior: mean = the mode, precision = the Hessian of the
 negative log posterior there. Feeding a posterior back in as the prior of the next batch is the online
-update (warm start): it costs only the new events.
+update (warm start): it costs only the new events. (`solver="newton"` reaches the same mode by damped
+Newton alone, faster for one ad's small problem.)
 
-The prior's strength per artifact is chosen by empirical Bayes on RETIRED ads (`choose_precision`): reveal
-n impressions of each, fit with each candidate precision, keep the one with the best held-out
-log-likelihood on that ad's other impressions. Cold ads never inform it.
+The prior's strength per artifact, one precision for the weights and one for the intercept, is chosen by
+empirical Bayes on RETIRED ads (`choose_precision`): reveal n impressions of each, fit with each candidate,
+keep the pair with the best held-out log-likelihood on that ad's other impressions. Cold ads never inform it.
 
 `PosteriorTable` holds every ad's posterior as arrays (saved as npz + JSON, no pickle).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.linalg import LinAlgError, cho_factor, cho_solve, solve_triangular
+from scipy.linalg import cho_factor, cho_solve, solve_triangular
 from scipy.optimize import minimize
 from threadpoolctl import ThreadpoolController
 
@@ -46,8 +47,13 @@ class PosteriorSettings:
     max_iter: int = 200
     gtol: float = 1e-4  # loose on purpose: the Newton steps after it reach the mode to ~1e-12
     newton_steps: int = 3
+    # "lbfgs": scipy's L-BFGS, then `newton_steps` Newton steps; "newton": damped Newton from the start
+    # (the same mode, ~10x faster for one ad's (d+1)-sized problem: what the serving worker uses)
+    solver: str = "lbfgs"
 
     def __post_init__(self) -> None:
+        if self.solver not in ("lbfgs", "newton"):
+            raise ValueError(f"solver must be 'lbfgs' or 'newton', got {self.solver!r}")
         for name in ("precision", "intercept_precision"):
             v = getattr(self, name)
             if v is not None and not (np.isfinite(v) and v > 0):
@@ -170,28 +176,38 @@ def _fit(
         f = float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * dw @ Pd)
         return f, Xa.T @ (sigmoid(z) - y) + Pd
 
-    w0 = m.copy() if start is None else np.asarray(start, dtype=np.float64).copy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        res = minimize(
-            objective,
-            w0,
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": settings.max_iter, "gtol": settings.gtol},
-        )
-    w = res.x
-    # Newton polish: the objective is strictly convex, so this lands on the mode whatever the start was
-    for _ in range(settings.newton_steps):
-        _, g = objective(w)
-        H = _hessian(Xa, w, P)
+    w = m.copy() if start is None else np.asarray(start, dtype=np.float64).copy()
+    steps = settings.newton_steps
+    if settings.solver == "lbfgs":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = minimize(
+                objective,
+                w,
+                jac=True,
+                method="L-BFGS-B",
+                options={"maxiter": settings.max_iter, "gtol": settings.gtol},
+            )
+        w = res.x
+    else:
+        steps = settings.max_iter
+    # Newton steps (halved while they do not descend): the objective is strictly convex, so this lands
+    # on the mode whatever the start was
+    f, g = objective(w)
+    for _ in range(steps):
         if np.max(np.abs(g)) < 1e-11 * max(1.0, len(y)):
             break
         try:
-            step = cho_solve(cho_factor(H), g)
-        except LinAlgError:
+            step = np.linalg.solve(_hessian(Xa, w, P), g)
+        except np.linalg.LinAlgError:
             break
-        w = w - step
+        t = 1.0
+        for _ in range(30):
+            f_new, g_new = objective(w - t * step)
+            if f_new <= f + 1e-12 * abs(f):
+                break
+            t *= 0.5
+        w, f, g = w - t * step, f_new, g_new
     return Posterior(w, _hessian(Xa, w, P), n, clicks)
 
 

@@ -4,12 +4,13 @@ For each cold ad, n random train users' labels are revealed (n in `impressions`,
 the 25, ...); the ad's Bayesian logistic regression (`ctr.posterior`) is fitted centred on each prior and
 scored on the test users. Repeated with `repeats` seeds; every prior sees the same revealed users.
 
-Each prior's precision comes from empirical Bayes on retired ads held out of the pool (`retired_split`):
-the baselines are rebuilt for them from the remaining pool exactly as they are for cold ads, so nothing of
-a cold ad (nor of the held-out ad itself) shapes its prior or its strength. A weight artifact that covers
-no retired ad (an LLM run) takes the precision of `knn_cal`, whose numeric stage (L2-normalise, calibrate
-the intercept) LLM-HYPER shares. `none` is the no-prior reference: zero weights, the same empirical-Bayes
-ridge on theta, a flat intercept.
+Each prior's precisions (weights, intercept) come from empirical Bayes on retired ads held out of the
+pool (`retired_split`): the baselines are rebuilt for them from the remaining pool exactly as they are for
+cold ads, so nothing of a cold ad (nor of the held-out ad itself) shapes its prior or its strength. A
+weight artifact that covers no retired ad (an LLM run) takes the precisions of `knn_cal`, whose numeric
+stage (L2-normalise, calibrate the intercept) LLM-HYPER shares. `none` is the no-prior reference: zero
+weights with an empirical-Bayes ridge, a flat intercept. Ads are scored in a seeded random column order,
+so a prior that ties every ad (none, lr_cold at 0 impressions) gets a chance-level NDCG.
 
 The headline: the impressions each prior needs to reach `target` (95%) of LR_warm's AUC, interpolated
 linearly between the grid's points, and the impressions it saves against `none`.
@@ -427,7 +428,7 @@ def svg(result: dict[str, Any], metric: str = "auc", width: int = 640, height: i
             )
         pts = " ".join(f"{x(g):.1f},{y(c['value']):.1f}" for g, c in enumerate(cells))
         out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        ly = top + 14 * i + 40
+        ly = top + 110 + 14 * i  # below the reference lines' labels
         out.append(
             f'<line x1="{left + pw + 6}" x2="{left + pw + 22}" y1="{ly}" y2="{ly}" stroke="{colour}" '
             f'stroke-width="2"/><text x="{left + pw + 26}" y="{ly + 4}">{_esc(name)}</text>'

@@ -292,6 +292,7 @@ class CTRData:
     warm_ads: list[str]
     cold_ads: list[str]
     card: dict[str, Any] = field(default_factory=dict)
+    truth: Any = None  # the true weights (a WeightTable) where a synthetic world knows them
 
     def __post_init__(self) -> None:
         self.ad_index = {a.id: i for i, a in enumerate(self.ads)}

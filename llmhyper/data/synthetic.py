@@ -101,9 +101,9 @@ def generate_synthetic(*, n_users: int = 400, n_warm: int = 60, n_cold: int = 12
     if unseen_topics:
         card["unseen_topics"] = list(UNSEEN_TOPICS)
     name = "synthetic-unseen" if unseen_topics else "synthetic"
-    data = CTRData(name, ads, specs, [f"u{i}" for i in range(n_users)], X, Y, M, train, test,
-                   ids[:n_warm], ids[n_warm:], card)
     truth = WeightTable("truth", ids, [s.name for s in specs], theta, intercept)
+    data = CTRData(name, ads, specs, [f"u{i}" for i in range(n_users)], X, Y, M, train, test,
+                   ids[:n_warm], ids[n_warm:], card, truth)
     return Synthetic(data, truth)
 
 

@@ -12,17 +12,23 @@ A run folder (`runs.RunDir`) holds everything of one run and resumes where it st
     OUT/.lock              held while a process works here: a second process is refused
 
 The artifact and the manifest are rebuilt from the records at the start and the end of every run (and after
-each ad), so a kill at any moment is repaired by the next run, which redoes no finished ad.
+each ad, or after each batch of ads that finished together), so a kill at any moment is repaired by the
+next run, which redoes no finished ad.
+
+Many ads in flight (`workers`, `--workers N`): threads run the per-ad LM work (`workers.ask`) and this
+thread alone writes the folder, so a run with N workers writes exactly what a run with one writes. With
+`--ray` the same per-ad work runs in Ray actors (`ray_generate`) and the driver writes the same folder.
 """
 
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import dspy
 import numpy as np
 from tqdm import tqdm
 
@@ -30,10 +36,11 @@ from llmhyper.ctr.prepare import Prepared, embed, prepare
 from llmhyper.data import CTRData, load_dataset
 from llmhyper.errors import DataError, LLMHyperError
 from llmhyper.hyper.program import DEFAULT_PROGRAM, LLMHyper, load_program
+from llmhyper.hyper.ray_generate import RayAds, RayWork, import_ray
 from llmhyper.hyper.settings import GenerateSettings, data_fingerprint, judge_settings_for, run_settings
-from llmhyper.hyper.views import ad_view, captions_for, demonstrations, finish_ad
+from llmhyper.hyper.views import captions_for
+from llmhyper.hyper.workers import AdJob, AdRetry, Asked, Lane, ad_job, ask, finish, run_local
 from llmhyper.llm.build import LMHandle, build_lm
-from llmhyper.llm.calls import lm_calls, lm_usage
 from llmhyper.llm.settings import LMSettings
 from llmhyper.retrieval.encoders import get_encoder
 from llmhyper.runs import DONE, RunDir
@@ -41,6 +48,7 @@ from llmhyper.store import git_commit, now, remove_stale_temps, versions
 from llmhyper.weights import WeightTable
 
 METHOD = "llm_hyper"
+REBUILD_EVERY_S = 30.0  # the longest the artifact lags its records while answers pile up
 __all__ = [
     "DEFAULT_PROGRAM",
     "METHOD",
@@ -50,6 +58,7 @@ __all__ = [
     "generate",
     "judge_settings_for",
     "rebuild",
+    "run_ads",
     "run_generate",
     "run_settings",
 ]
@@ -67,7 +76,12 @@ def _ignored(run: RunDir, config: dict[str, Any]) -> tuple[str, ...]:
 def collect(out: RunDir | str | Path, feature_names: list[str]) -> tuple[WeightTable, dict[str, Any]]:
     """The weight artifact and the run's totals, from the per-ad records on disk."""
     run = out if isinstance(out, RunDir) else RunDir(out)
-    recs = run.records()
+    return _collect(run, run.records(), feature_names)
+
+
+def _collect(
+    run: RunDir, recs: dict[str, dict[str, Any]], feature_names: list[str]
+) -> tuple[WeightTable, dict[str, Any]]:
     ids, thetas, bs, flags = [], [], [], {}
     for ad_id, rec in recs.items():
         if rec.get("status") not in DONE:
@@ -113,6 +127,7 @@ def collect(out: RunDir | str | Path, feature_names: list[str]) -> tuple[WeightT
         "ads_judge_rejected": sum(
             bool(r.get("judge") and r["judge"][0].get("inconsistent_features")) for r in rs
         ),
+        "ad_retries": sum(len(r.get("retries") or ()) for r in rs),
         "prompt_tokens": sum(r.get("tokens", {}).get("prompt_tokens", 0) for r in rs),
         "completion_tokens": sum(r.get("tokens", {}).get("completion_tokens", 0) for r in rs),
         "seconds": round(sum(r.get("seconds", 0.0) for r in rs), 1),
@@ -120,10 +135,16 @@ def collect(out: RunDir | str | Path, feature_names: list[str]) -> tuple[WeightT
     return table, totals
 
 
-def rebuild(run: RunDir, feature_names: list[str], info: dict[str, Any]) -> dict[str, Any]:
+def rebuild(
+    run: RunDir,
+    feature_names: list[str],
+    info: dict[str, Any],
+    records: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Save the artifact and the manifest from the records (each file atomically); returns the totals.
-    `info` updates the manifest's other entries (missing ones keep their last value)."""
-    table, totals = collect(run, feature_names)
+    `info` updates the manifest's other entries (missing ones keep their last value). `records`: the
+    run's records as the caller holds them (default: read from disk)."""
+    table, totals = _collect(run, run.records() if records is None else records, feature_names)
     if run.weights_dir.is_dir():
         remove_stale_temps(run.weights_dir)  # left by a kill during an earlier save
     table.save(run.weights_dir)
@@ -145,29 +166,62 @@ def generate(
     config: dict[str, Any],
     progress: bool = True,
     force: bool = False,
+    *,
+    workers: int = 1,
+    lanes: list[Lane] | None = None,
+    retry: AdRetry | None = None,
 ) -> dict[str, Any]:
     """Weights for `ad_ids` into the run folder `out`, skipping finished ads; returns the run's totals.
     The program must already hold its judge LM (`judge_handle` is what its calls are counted and logged
-    from). Given a path, the folder is locked for the call; a given `RunDir` must be held by the caller."""
+    from). Given a path, the folder is locked for the call; a given `RunDir` must be held by the caller.
+    `workers` ads are in flight at once (threads); worker i calls the LMs of `lanes[i % len(lanes)]`
+    (default: the two handles given), each ad through its own copies of them (see `workers.ask`)."""
     if not isinstance(out, RunDir):
         with RunDir(out) as run:
-            return generate(
-                prep, encoder, program, lm_handle, judge_handle, ad_ids, run, config, progress, force
-            )
-    run = out
+            return generate(prep, encoder, program, lm_handle, judge_handle, ad_ids, run, config, progress,
+                            force, workers=workers, lanes=lanes, retry=retry)
+    lanes = lanes or [Lane(lm_handle, judge_handle)]
+    retry = retry or AdRetry()
+
+    def answers(jobs: list[AdJob]) -> Iterator[tuple[AdJob, Asked, bool]]:
+        return run_local(jobs, lambda job, i: ask(program, lanes[i % len(lanes)], job, retry), workers)
+
+    return run_ads(prep, encoder, ad_ids, out, config, answers, lm_handle.description,
+                   judge_handle.description, progress=progress, force=force)
+
+
+def run_ads(
+    prep: Prepared,
+    encoder,
+    ad_ids: list[str],
+    run: RunDir,
+    config: dict[str, Any],
+    answers: Callable[[list[AdJob]], Iterator[tuple[AdJob, Asked, bool]]],
+    lm_description: dict[str, Any],
+    judge_description: dict[str, Any],
+    *,
+    progress: bool = True,
+    force: bool = False,
+) -> dict[str, Any]:
+    """The loop of `generate` over any source of answers (local threads, Ray actors): this thread alone
+    writes the run folder, one finished ad at a time: its calls, then its record, then the artifact. The
+    artifact waits while more answers are waiting (`more`, for at most REBUILD_EVERY_S), so a writer that
+    falls behind many workers rebuilds it once per batch of records instead of once per ad (the records
+    are the checkpoint: a kill before the rebuild is repaired at the next start)."""
     run.check_settings(config, force=force, ignore=_ignored(run, config))
     data, names = prep.data, prep.data.feature_names
     done = run.finished()
     todo = list(dict.fromkeys(a for a in ad_ids if a not in done))
     info = {
         **_info(run, config, data, ad_ids, resuming=bool(todo)),
-        "lm": lm_handle.description,
-        "judge_lm": judge_handle.description,
+        "lm": lm_description,
+        "judge_lm": judge_description,
         "encoder": prep.encoder_name,
         "k": prep.k,
     }
-    if run.records() or not todo:  # repairs a kill after the last record or during the artifact save
-        totals = rebuild(run, names, info)
+    records = run.records()
+    if records or not todo:  # repairs a kill after the last record or during the artifact save
+        totals = rebuild(run, names, info, records)
     if not todo:
         return totals
     old = run.settings()
@@ -175,77 +229,30 @@ def generate(
     features = [f.model_dump() for f in data.features]
     needed = sorted(set(todo) | {n.ad_id for a in todo for n in prep.neighbours[a]})
     captions = captions_for(prep, encoder, needed)
-    lms = [lm_handle.lm] + ([judge_handle.lm] if judge_handle.lm is not lm_handle.lm else [])
-    bar = tqdm(todo, desc="generate", unit="ad", disable=not progress)
+    jobs = [ad_job(prep, a, captions, features) for a in todo]
+    bar = tqdm(total=len(todo), desc="generate", unit="ad", disable=not progress)
     bar.set_postfix(done=len(done), left=len(todo))
-    for ad_id in bar:
-        marks = [len(lm.history) for lm in lms]
-        t0 = time.time()
-        record = _one_ad(prep, program, lm_handle, ad_id, captions, features, names)
-        record["seconds"] = round(time.time() - t0, 2)
-        usage = [lm_usage(lm, since=m) for lm, m in zip(lms, marks, strict=True)]
-        record["tokens"] = {
-            k: sum(u.get(k, 0) for u in usage) for k in ("prompt_tokens", "completion_tokens")
-        }
-        record["lm"] = lm_handle.description.get("model")
-        run.append_calls(ad_id, [c for lm, m in zip(lms, marks, strict=True) for c in lm_calls(lm, since=m)])
-        run.write_record(ad_id, record, settings=config)
-        if save_forced:
-            run.save_settings(config)
-            save_forced = False
-        rebuild(run, names, info)
-        bar.set_postfix(status=record["status"], s=record["seconds"])
-    return rebuild(run, names, info)
-
-
-def _one_ad(
-    prep: Prepared,
-    program: LLMHyper,
-    lm_handle: LMHandle,
-    ad_id: str,
-    captions: dict[str, str],
-    features: list[dict[str, str]],
-    names: list[str],
-) -> dict[str, Any]:
-    data = prep.data
-    record: dict[str, Any] = {
-        "ad_id": ad_id,
-        "title": data.ad_by_id[ad_id].title,
-        "neighbours": [
-            {
-                "id": n.ad_id,
-                "title": data.ad_by_id[n.ad_id].title,
-                "similarity": round(float(n.similarity), 4),
-            }
-            for n in prep.neighbours[ad_id]
-        ],
-    }
+    stream, rebuilt = answers(jobs), time.monotonic()
     try:
-        with dspy.context(lm=lm_handle.lm):
-            pred = program(
-                ad=ad_view(prep, ad_id, captions),
-                examples=demonstrations(prep, ad_id, captions),
-                features=features,
-            )
-        record.update(finish_ad(prep, ad_id, pred, names))
-        record.update(
-            {
-                "spread": pred.spread,
-                "n_samples_ok": pred.n_samples_ok,
-                "failed_features": pred.failed_features,
-                "reasoning": pred.reasoning,
-                "judge": pred.judge,
-                "flags": pred.flags,
-                "calls": pred.calls,
-                "parse_failures": pred.parse_failures,
-                "batches": pred.batches,
-            }
-        )
-    except LLMHyperError:
-        raise
-    except Exception as exc:  # one ad's trouble (server error, bug in a reply) must not stop the run
-        record.update({"status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
-    return record
+        for job, asked, more in stream:
+            record = finish(prep, job.ad_id, asked, names)
+            run.append_calls(job.ad_id, asked.calls)
+            run.write_record(job.ad_id, record, settings=config)
+            records[job.ad_id] = record
+            if save_forced:
+                run.save_settings(config)
+                save_forced = False
+            if not more or time.monotonic() - rebuilt > REBUILD_EVERY_S:
+                rebuild(run, names, info, records)
+                rebuilt = time.monotonic()
+            bar.update()
+            bar.set_postfix(status=record["status"], s=record["seconds"])
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:  # a generator: its workers stop taking ads when the loop ends early
+            close()
+        bar.close()
+    return rebuild(run, names, info, records)
 
 
 def _info(
@@ -276,8 +283,10 @@ def run_generate(
     then the folder's lock and settings, before the data are loaded), generate the missing ads, and raise
     a one-line error when no requested ad got weights. `lm_builder` builds each LM (tests script one)."""
     settings.validate()
+    if settings.ray:
+        import_ray()  # a missing extra fails before any work
     program_path = settings.program_path()
-    load_program(program_path, settings.program_config())  # a broken --program fails before any work
+    program = load_program(program_path, settings.program_config())  # a broken --program fails first
     with RunDir(settings.out) as run:
         early = run_settings(settings)
         run.check_settings(early, force=settings.force, ignore=("program", "data_fingerprint"))
@@ -296,9 +305,7 @@ def run_generate(
             info = {**info, **run.manifest(), **_info(run, config, data, ad_ids, resuming=False)}
             totals = rebuild(run, data.feature_names, info)
         else:
-            totals = _generate_missing(
-                settings, run, data, ad_ids, config, program_path, lm_builder, progress
-            )
+            totals = _generate_missing(settings, run, data, ad_ids, config, program, lm_builder, progress)
         finished = run.finished()
         if not any(a in finished for a in ad_ids):
             raise LLMHyperError(_none_succeeded(run, ad_ids))
@@ -321,10 +328,11 @@ def _generate_missing(
     data: CTRData,
     ad_ids: list[str],
     config: dict[str, Any],
-    program_path: Path | None,
+    program: LLMHyper,
     lm_builder: Callable[[LMSettings], LMHandle],
     progress: bool,
 ) -> dict[str, Any]:
+    """`program`: the program file loaded without LMs (its state is what Ray actors get)."""
     encoder = get_encoder(settings.encoder)
     prep = prepare(data, encoder=encoder, k=settings.k, seed=settings.data.seed, progress=progress)
     extra = [a for a in ad_ids if a not in prep.neighbours]
@@ -332,30 +340,52 @@ def _generate_missing(
         prep.vectors.update(zip(extra, embed(data, extra, encoder), strict=True))
         prep.neighbours.update(prep.neighbours_of(extra))
         prep.alphas.update({a: prep.alpha_for(prep.neighbours[a]) for a in extra})
-    handle = lm_builder(settings.lm)
-    judge = handle
+    retry = AdRetry(times=settings.ad_retries, wait=settings.retry_wait)
+    if settings.ray:
+        work = RayWork(
+            program_state=program.dump_state(),
+            program_config=settings.program_config(),
+            lm=settings.lm,
+            judge_lm=None if settings.judge_lm in (None, settings.lm) else settings.judge_lm,
+            lm_builder=lm_builder,
+            retry=retry,
+        )
+        with RayAds(work, settings.workers, settings.ray_address) as pool:
+            return run_ads(prep, encoder, ad_ids, run, config, pool.answers, pool.lm_description,
+                           pool.judge_description, progress=progress, force=settings.force)
+    handles: list[LMHandle] = []
     try:
+        lms = _build(lm_builder, settings.lm, settings.workers, handles)
+        judges = lms
         if settings.judge_lm is not None and settings.judge_lm != settings.lm:
-            judge = lm_builder(settings.judge_lm)
+            judges = _build(lm_builder, settings.judge_lm, settings.workers, handles)
         program = load_program(
-            program_path, settings.program_config(), judge_lm=judge.lm if judge is not handle else None
+            settings.program_path(), settings.program_config(), judge_lm=judges[0].lm if judges is not lms else None
         )
-        return generate(
-            prep,
-            encoder,
-            program,
-            handle,
-            judge,
-            ad_ids,
-            run,
-            config,
-            progress=progress,
-            force=settings.force,
-        )
+        lanes = [Lane(lms[i % len(lms)], judges[i % len(judges)]) for i in range(max(len(lms), len(judges)))]
+        return generate(prep, encoder, program, lms[0], judges[0], ad_ids, run, config, progress=progress,
+                        force=settings.force, workers=settings.workers, lanes=lanes, retry=retry)
     finally:
-        handle.close()
-        if judge is not handle:
-            judge.close()
+        for h in reversed(handles):
+            h.close()
+
+
+def _build(
+    builder: Callable[[LMSettings], LMHandle], lm: LMSettings, workers: int, handles: list[LMHandle]
+) -> list[LMHandle]:
+    """The handles of one LM for `workers` workers (appended to `handles`, which the caller closes). Any
+    server answers all workers through one handle, except the embedded one, which answers one request at
+    a time: N workers get N embedded servers (the model file is mapped once, each server holds its own
+    context), which share the --threads (at least one thread each)."""
+    if not lm.embedded or workers == 1:
+        handles.append(builder(lm))
+        return handles[-1:]
+    each = replace(lm, n_threads=max(1, lm.n_threads // workers))
+    print(f"llmhyper: {workers} workers: starting {workers} embedded LLM servers with {each.n_threads} "
+          "thread(s) each", file=sys.stderr)
+    for _ in range(workers):
+        handles.append(builder(each))
+    return handles[-workers:]
 
 
 def _none_succeeded(run: RunDir, ad_ids: list[str]) -> str:

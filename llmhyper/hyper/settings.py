@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ class GenerateSettings:
     limit: int | None = None  # only the first N ads
     ads: tuple[str, ...] | None = None  # these ads (default: the data set's cold ads)
     force: bool = False  # continue a folder made with other settings
+    # how the ads are run (none of these changes a record, so a resume may change them)
+    workers: int = 1  # ads in flight at once (threads; with `ray`, in Ray actors)
+    ad_retries: int = 2  # reruns of an ad whose LM call failed with a transient error after DSPy's retries
+    retry_wait: float = 2.0  # seconds before the first such rerun, doubling (capped), unless the server says
+    ray: bool = False  # the per-ad work as Ray actors (pip extra "ray")
+    ray_address: str | None = None  # None: a local Ray; "auto" / "ray://HOST:10001": a cluster
 
     def validate(self) -> GenerateSettings:
         """One-line errors for settings that cannot make a run, before anything is read or loaded."""
@@ -42,6 +49,14 @@ class GenerateSettings:
             _whole(name, getattr(self, name))
         if self.limit is not None:
             _whole("limit", self.limit)
+        _whole("workers", self.workers)
+        if isinstance(self.ad_retries, bool) or not isinstance(self.ad_retries, int) or self.ad_retries < 0:
+            raise LLMHyperError(f"ad_retries must be a whole number >= 0, got {self.ad_retries!r}")
+        wait = self.retry_wait
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) or wait < 0:
+            raise LLMHyperError(f"retry_wait must be a finite number of seconds >= 0, got {wait!r}")
+        if self.ray_address is not None and not self.ray:
+            raise LLMHyperError("--ray-address is only for --ray")
         if self.ads is not None:
             if isinstance(self.ads, str) or not self.ads:
                 raise LLMHyperError(

@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import dspy
 
 from llmhyper.llm.embedded import EMBEDDED_MODEL, EmbeddedServer, ensure_embedded_model, xllamacpp_version
+from llmhyper.llm.progress import install_truncation_note
 from llmhyper.llm.settings import LMSettings, LMSpecError
 
 # litellm (imported by dspy) otherwise fetches its model cost map from the network on import.
@@ -97,6 +99,7 @@ def build_lm(
     it; pass ``rollout_id=k`` (and temperature > 0) per call to draw fresh samples. A fixed ``seed`` makes
     sampled calls reproducible, but then every rollout of the same prompt gets the same answer from llama.cpp.
     """
+    install_truncation_note()  # DSPy's "increase max_tokens" warning reads like an error; say what happens
     if isinstance(settings, str):
         settings = LMSettings(spec=settings)
     known = {k: overrides.pop(k) for k in list(overrides) if k in _FIELDS}
@@ -140,6 +143,15 @@ def _describe(settings: LMSettings, extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _shown_path(path: Path) -> str:
+    """The model file as a manifest shows it: under the home folder as ~/..., so committed runs hold no
+    user's absolute path."""
+    try:
+        return str(Path("~") / Path(path).resolve().relative_to(Path.home().resolve()))
+    except (ValueError, RuntimeError):  # outside the home folder, or no home
+        return str(path)
+
+
 def _build_embedded(settings: LMSettings, extra: dict[str, Any]) -> LMHandle:
     path = ensure_embedded_model()
     server = EmbeddedServer(
@@ -154,7 +166,7 @@ def _build_embedded(settings: LMSettings, extra: dict[str, Any]) -> LMHandle:
         **_describe(settings, extra),
         "model": EMBEDDED_MODEL.name,
         "sha256": EMBEDDED_MODEL.sha256,
-        "model_file": str(path),
+        "model_file": _shown_path(path),
         "api_base": server.base_url,
         "runtime": xllamacpp_version(),
         "n_threads": settings.n_threads,

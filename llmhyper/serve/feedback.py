@@ -54,6 +54,7 @@ class FeedbackSettings:
     refit_every: int = 100  # pending events that trigger a refit
     refit_seconds: float = 2.0  # ... or this long after the first pending event
     thompson: bool = False  # rank by a posterior draw instead of the posterior mean
+    solver: str = "lbfgs"  # of each refit: "lbfgs" or "newton" (the same mode; newton is faster)
     users: Path | None = None  # table of known users: `user` + one column per served feature
 
 
@@ -67,6 +68,7 @@ class FeedbackService:
         self, base: Snapshot, settings: FeedbackSettings, publish, users: dict[str, np.ndarray] | None = None
     ):
         self.settings, self.base, self._publish = settings, base, publish
+        self._solver = PosteriorSettings(solver=settings.solver)
         self.users = users or {}
         prior_p = prior_precision_matrix(
             base.n_features,
@@ -124,6 +126,7 @@ class FeedbackService:
                             "features": list(base.feature_names),
                             "precision": settings.precision,
                             "intercept_precision": settings.intercept_precision,
+                            "solver": settings.solver,
                             "t": time.time(),
                         }
                     )
@@ -164,6 +167,10 @@ class FeedbackService:
                 f"{path}: this feedback log was written with prior precision "
                 f"{header.get('precision')} (intercept {header.get('intercept_precision')}), "
                 f"not {mine[0]} (intercept {mine[1]})"
+            )
+        if header.get("solver", "lbfgs") != self.settings.solver:  # same mode, not the same last bits
+            raise LLMHyperError(
+                f"{path}: this feedback log was refitted with --refit-solver {header.get('solver')}"
             )
 
     def start(self) -> FeedbackService:
@@ -350,7 +357,7 @@ class FeedbackService:
         for ad, evs in by_ad.items():
             X = np.array([e.x for e in evs], dtype=np.float64)
             y = np.array([e.y for e in evs], dtype=np.float64)
-            out[ad] = fit(self.table.get(ad), X, y)
+            out[ad] = fit(self.table.get(ad), X, y, self._solver)
         return out
 
     def _commit(self, posts: dict[str, Any], through: int) -> None:

@@ -27,8 +27,15 @@ import pyarrow.compute as pc
 
 from llmhyper._lazy import require
 from llmhyper.errors import DataError, LLMHyperError
-from llmhyper.serve.batch import (Ranker, ScoreSettings, ScoreSummary, TopKWriter, UserTable, check_settings,
-                                  output_metadata)
+from llmhyper.serve.batch import (
+    Ranker,
+    ScoreSettings,
+    ScoreSummary,
+    TopKWriter,
+    UserTable,
+    check_settings,
+    output_metadata,
+)
 from llmhyper.serve.scorer import Snapshot
 
 PURPOSE = "llmhyper score --engine ray"
@@ -127,7 +134,7 @@ def score_file_ray(snap: Snapshot, settings: ScoreSettings, ray_settings: RaySet
                 n_users += int(pc.sum(pc.equal(batch.column("rank"), 1)).as_py() or 0)
                 n_batches += 1
             writer.commit()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - Ray wraps task errors in many types; reported in one line
         raise _reported(exc, table, settings.chunk) from None
     finally:
         ctx.execution_options.preserve_order = old_order
