@@ -113,6 +113,7 @@ def ingest(url: str, n_ads: int, d: int, per_request: int, clients: int, seconds
                         "features": xs[(i + j) % 512],
                         "clicked": (i + j) % 7 == 0,
                         "event_id": f"{tag}-{w}-{i + j}",
+                        "zscored": True,
                     }
                     for j in range(per_request)
                 ]

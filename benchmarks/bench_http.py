@@ -4,7 +4,7 @@
 
 Starts the service (`python -m llmhyper.cli.main serve`, its own process, 1 BLAS thread) on a free loopback
 port over a synthetic 120 ads x 40 features artifact (or --weights), then `--clients` threads, each with
-its own keep-alive httpx client, send POST /rank {"features": [...], "k": 10} until `--requests` are
+its own keep-alive httpx client, send POST /rank {"features": [...], "k": 10, "zscored": true} until `--requests` are
 done or `--seconds` have passed. Reports p50/p99 latency (client side, request sent -> body parsed),
 throughput and errors (non-200 or transport errors). The load generator shares the CPU with the server.
 """
@@ -70,14 +70,14 @@ def load(url: str, n_features: int, requests: int, clients: int, seconds: float,
 
     def worker():
         with httpx.Client(trust_env=False, timeout=10.0) as c:
-            c.post(f"{url}/rank", json={"features": xs[0], "k": k})  # warm the connection
+            c.post(f"{url}/rank", json={"features": xs[0], "k": k, "zscored": True})  # warm it
             while time.perf_counter() < deadline:
                 with lock:
                     i = next(counter, None)
                 if i is None:
                     return
-                body = ({"features": xs[i % 256], "k": k} if batch == 1 else
-                        {"users": [xs[(i + j) % 256] for j in range(batch)], "k": k})
+                body = ({"features": xs[i % 256], "k": k, "zscored": True} if batch == 1 else
+                        {"users": [xs[(i + j) % 256] for j in range(batch)], "k": k, "zscored": True})
                 t0 = time.perf_counter()
                 try:
                     r = c.post(f"{url}/rank", json=body)

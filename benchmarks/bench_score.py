@@ -56,7 +56,8 @@ def child(args: argparse.Namespace) -> None:
     from llmhyper.serve.scorer import Scorer
 
     snap = Scorer.from_dirs(args.weights).snapshot
-    settings = batch.ScoreSettings(users=Path(args.users_file), out=Path(args.out), k=args.k, chunk=args.chunk)
+    settings = batch.ScoreSettings(users=Path(args.users_file), out=Path(args.out), k=args.k, chunk=args.chunk,
+                                   raw_features=False)  # the users files hold z-scored features
     extra = {}
     if args.child == "floor":
         names = list(snap.feature_names)

@@ -16,5 +16,5 @@ def require(module: str, extra: str, purpose: str = "") -> ModuleType:
         what = f" for {purpose}" if purpose else ""
         raise MissingDependency(
             f"'{module}' is needed{what} but could not be imported ({exc}). "
-            f"Install it with: pip install -e \".[{extra}]\" -c constraints-cpu.txt"
+            f'Install it with: pip install -e ".[{extra}]" -c constraints-cpu.txt'
         ) from exc

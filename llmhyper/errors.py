@@ -10,8 +10,9 @@ class LLMHyperError(Exception):
 class DataError(LLMHyperError):
     """Bad input data. Names the file, the row (1-based line for text files) and the field."""
 
-    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
-                 field: str | None = None):
+    def __init__(
+        self, message: str, *, file: str | None = None, row: int | None = None, field: str | None = None
+    ):
         self.file, self.row, self.field, self.reason = file, row, field, message
         where = []
         if file is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent  # the checkout (programs/, results/ live here)
 PROGRAMS = REPO / "programs"
 
@@ -31,3 +30,12 @@ def shared_posters_dir() -> Path | None:
         if (cand / "posters.csv").exists():
             return cand
     return None
+
+
+def repo_relative(path: str | Path) -> str:
+    """A path inside the checkout as a relative one (so committed configs hold no machine's paths)."""
+    resolved = Path(path).expanduser().resolve()
+    try:
+        return str(resolved.relative_to(REPO))
+    except ValueError:
+        return str(resolved)

@@ -76,8 +76,10 @@ class RunDir:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise RunBusy(f"{self.path} is in use by another llmhyper process (pid {holder}); "
-                          "wait for it or use another folder") from None
+            raise RunBusy(
+                f"{self.path} is in use by another llmhyper process (pid {holder}); "
+                "wait for it or use another folder"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
@@ -96,8 +98,9 @@ class RunDir:
         path = self.path / self.CONFIG
         return read_json(path, "run settings") if path.exists() else None
 
-    def check_settings(self, settings: dict[str, Any], *, force: bool = False,
-                       ignore: tuple[str, ...] = ()) -> None:
+    def check_settings(
+        self, settings: dict[str, Any], *, force: bool = False, ignore: tuple[str, ...] = ()
+    ) -> None:
         """Refuse to continue a run made with other settings (keys in `ignore` may differ). Writes
         nothing: the settings are saved with the first record, so a start that fails early leaves the
         folder free for a corrected command."""
@@ -107,8 +110,10 @@ class RunDir:
         diff = settings_diff(old, settings, ignore)
         if diff:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, b_a in diff.items() for a, b in [b_a])
-            raise SettingsMismatch(f"{self.path} holds a run with other settings ({shown[:400]}); use another "
-                                   "folder, or --force to continue anyway")
+            raise SettingsMismatch(
+                f"{self.path} holds a run with other settings ({shown[:400]}); use another "
+                "folder, or --force to continue anyway"
+            )
 
     def save_settings(self, settings: dict[str, Any]) -> None:
         write_json_atomic(self.path / self.CONFIG, settings)
@@ -136,11 +141,14 @@ class RunDir:
             out[str(item_id)] = rec
         return out
 
-    def finished(self, statuses: tuple[str, ...] = DONE,
-                 key: Callable[[dict[str, Any]], str] | None = None) -> dict[str, dict[str, Any]]:
+    def finished(
+        self, statuses: tuple[str, ...] = DONE, key: Callable[[dict[str, Any]], str] | None = None
+    ) -> dict[str, dict[str, Any]]:
         return {k: r for k, r in self.records(key).items() if r.get("status", "ok") in statuses}
 
-    def write_record(self, item_id: str, record: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
+    def write_record(
+        self, item_id: str, record: dict[str, Any], settings: dict[str, Any] | None = None
+    ) -> None:
         """Save one item's record atomically (and the run's settings with the first one)."""
         if settings is not None and not (self.path / self.CONFIG).exists():
             self.save_settings(settings)
@@ -150,7 +158,9 @@ class RunDir:
     def append_calls(self, item_id: str, calls: list[dict[str, Any]]) -> None:
         """Log an item's LLM calls before its record is written; calls of an item killed before its
         record stay in the log under their session, and a record names the session whose calls made it."""
-        append_jsonl(self.path / self.CALLS, [{"ad_id": item_id, "session": self.session, **c} for c in calls])
+        append_jsonl(
+            self.path / self.CALLS, [{"ad_id": item_id, "session": self.session, **c} for c in calls]
+        )
 
     def calls(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path / self.CALLS)

@@ -60,14 +60,23 @@ class WeightTable:
         pos = {a: i for i, a in enumerate(self.ad_ids)}
         missing = [a for a in ad_ids if a not in pos]
         if missing:
-            raise KeyError(f"{self.method}: no weights for ads {missing[:5]}{'...' if len(missing) > 5 else ''}")
+            raise KeyError(
+                f"{self.method}: no weights for ads {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            )
         return np.array([pos[a] for a in ad_ids], dtype=int)
 
     def subset(self, ad_ids: list[str]) -> WeightTable:
         idx = self.index_of([str(a) for a in ad_ids])
         ids = [self.ad_ids[i] for i in idx]
-        return WeightTable(self.method, ids, list(self.feature_names), self.theta[idx], self.intercept[idx],
-                           {a: self.flags[a] for a in ids if a in self.flags}, dict(self.meta))
+        return WeightTable(
+            self.method,
+            ids,
+            list(self.feature_names),
+            self.theta[idx],
+            self.intercept[idx],
+            {a: self.flags[a] for a in ids if a in self.flags},
+            dict(self.meta),
+        )
 
     def aligned(self, feature_names: list[str]) -> WeightTable:
         """The same table with columns reordered to `feature_names` (all must be present)."""
@@ -78,8 +87,15 @@ class WeightTable:
         if missing:
             raise DataError(f"weights of '{self.method}' lack features {missing}")
         cols = [pos[f] for f in feature_names]
-        return WeightTable(self.method, self.ad_ids, list(feature_names), self.theta[:, cols], self.intercept,
-                           self.flags, self.meta)
+        return WeightTable(
+            self.method,
+            self.ad_ids,
+            list(feature_names),
+            self.theta[:, cols],
+            self.intercept,
+            self.flags,
+            self.meta,
+        )
 
     # -- persistence (no pickle) --------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -88,12 +104,24 @@ class WeightTable:
         d = Path(directory)
         if d.exists() and not d.is_dir():
             raise DataError("a weight artifact folder is expected here, found a file", file=str(d))
-        arrays = {"theta": self.theta, "intercept": self.intercept,
-                  "ad_ids": np.array(self.ad_ids, dtype=str), "feature_names": np.array(self.feature_names, dtype=str)}
+        arrays = {
+            "theta": self.theta,
+            "intercept": self.intercept,
+            "ad_ids": np.array(self.ad_ids, dtype=str),
+            "feature_names": np.array(self.feature_names, dtype=str),
+        }
         npz = save_npz_atomic(d / NPZ_NAME, **arrays)
-        write_json_atomic(d / JSON_NAME, {"method": self.method, "n_ads": len(self.ad_ids),
-                                          "feature_names": self.feature_names, "flags": self.flags,
-                                          "meta": self.meta, "npz_sha256": file_sha256(npz)})
+        write_json_atomic(
+            d / JSON_NAME,
+            {
+                "method": self.method,
+                "n_ads": len(self.ad_ids),
+                "feature_names": self.feature_names,
+                "flags": self.flags,
+                "meta": self.meta,
+                "npz_sha256": file_sha256(npz),
+            },
+        )
         return d
 
     @classmethod
@@ -102,8 +130,9 @@ class WeightTable:
         d = Path(directory)
         npz, js = d / NPZ_NAME, d / JSON_NAME
         if not d.is_dir():
-            raise DataError(f"no weight artifact here (expected a folder with {NPZ_NAME} and {JSON_NAME})",
-                            file=str(d))
+            raise DataError(
+                f"no weight artifact here (expected a folder with {NPZ_NAME} and {JSON_NAME})", file=str(d)
+            )
         for p in (npz, js):
             if not p.is_file():
                 raise DataError(f"no weight artifact here (expected {NPZ_NAME} and {JSON_NAME})", file=str(p))
@@ -112,30 +141,40 @@ class WeightTable:
             raise DataError("expected a JSON object", file=str(js))
         want = info.get("npz_sha256")
         if want is not None and want != file_sha256(npz):
-            raise DataError(f"does not match {JSON_NAME} (a save was interrupted or the files were mixed); "
-                            "rerun the command that wrote it", file=str(npz))
+            raise DataError(
+                f"does not match {JSON_NAME} (a save was interrupted or the files were mixed); "
+                "rerun the command that wrote it",
+                file=str(npz),
+            )
         try:
             with np.load(npz, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except Exception as exc:  # zipfile / numpy raise many kinds for a damaged file
-            raise DataError(f"damaged weight arrays ({type(exc).__name__}: {str(exc)[:80]})", file=str(npz)) from None
+            raise DataError(
+                f"damaged weight arrays ({type(exc).__name__}: {str(exc)[:80]})", file=str(npz)
+            ) from None
         missing = [k for k in ("theta", "intercept", "ad_ids", "feature_names") if k not in arrays]
         if missing:
             raise DataError(f"weight arrays lack {missing}", file=str(npz))
         for name in ("ad_ids", "feature_names"):
             if arrays[name].ndim != 1:
-                raise DataError(f"'{name}' must be a 1-d array, has shape {arrays[name].shape}",
-                                file=str(npz), field=name)
+                raise DataError(
+                    f"'{name}' must be a 1-d array, has shape {arrays[name].shape}", file=str(npz), field=name
+                )
         method = info.get("method", d.name)
         if not isinstance(method, str) or not method.strip():
             raise DataError("'method' must be a non-empty string", file=str(js), field="method")
         names = [str(f) for f in arrays["feature_names"]]
         if "feature_names" in info and info["feature_names"] != names:
-            raise DataError(f"feature names differ from those in {NPZ_NAME}", file=str(js),
-                            field="feature_names")
+            raise DataError(
+                f"feature names differ from those in {NPZ_NAME}", file=str(js), field="feature_names"
+            )
         if "n_ads" in info and info["n_ads"] != len(arrays["ad_ids"]):
-            raise DataError(f"n_ads is {info['n_ads']!r} but {NPZ_NAME} holds {len(arrays['ad_ids'])} ads",
-                            file=str(js), field="n_ads")
+            raise DataError(
+                f"n_ads is {info['n_ads']!r} but {NPZ_NAME} holds {len(arrays['ad_ids'])} ads",
+                file=str(js),
+                field="n_ads",
+            )
         flags, meta = info.get("flags", {}), info.get("meta", {})
         if not isinstance(flags, dict) or not all(isinstance(v, list) for v in flags.values()):
             raise DataError("'flags' must map ad ids to lists of feature names", file=str(js), field="flags")
@@ -149,8 +188,11 @@ class WeightTable:
         for name, arr in (("theta", theta), ("intercept", intercept)):
             bad = ~np.isfinite(arr) | (np.abs(arr) > MAX_ABS_WEIGHT)
             if bad.any():
-                raise DataError(f"{int(bad.sum())} values are not finite or exceed {MAX_ABS_WEIGHT:g} in magnitude",
-                                file=str(npz), field=name)
+                raise DataError(
+                    f"{int(bad.sum())} values are not finite or exceed {MAX_ABS_WEIGHT:g} in magnitude",
+                    file=str(npz),
+                    field=name,
+                )
         try:
             return cls(method, [str(a) for a in arrays["ad_ids"]], names, theta, intercept, flags, meta)
         except ValueError as exc:

@@ -116,3 +116,16 @@ def test_foundation_modules_import_nothing_above_them():
     assert (1, "llmhyper.ctr", False) in imports
     assert (4, "llmhyper.store", True) in imports
     assert unit_of("llmhyper.ctr.metrics") == "ctr" and LAYERS["ctr"] > LAYERS["data"]
+
+
+def test_one_formatter_for_the_whole_package():
+    """`ruff format` (line length 110, pyproject.toml) leaves the package as it is."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed (it comes with the [test] extra)")
+    out = subprocess.run([ruff, "format", "--check", str(PKG)], capture_output=True, text=True)
+    assert out.returncode == 0, f"run `ruff format llmhyper`:\n{out.stdout}{out.stderr}"

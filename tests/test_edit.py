@@ -86,6 +86,7 @@ def test_fit_gamma_by_hand():
     assert fit_gamma(prior, edits, units, trained) == pytest.approx(0.7)
     assert fit_gamma(prior, -edits, units, trained) == 0.0  # edits pointing the wrong way
     assert fit_gamma(prior, np.zeros_like(edits), units, trained) == 0.0  # no edits
+    assert fit_gamma(prior, np.full_like(edits, 1e-17), units, trained) == 0.0  # rounding noise is no edit
     noise = rng.integers(-2, 3, size=(30, 8)).astype(float)
     assert fit_gamma(prior, noise, units, trained) < 0.2  # unrelated edits: near 0
 
@@ -141,6 +142,8 @@ def test_logprob_mode_reads_expected_edits_and_shows_the_prior_and_right_answers
     assert pred.edits["interest_gardening"] == pytest.approx(0.3 * 1 + 0.5 * 2)
     assert pred.edits["interest_cars"] == 0.0 and pred.edits["age"] == 0.0
     assert pred.calls == 2 and pred.parse_failures == 0 and pred.failed_features == []
+    assert pred.tokens["completion_tokens"] == 5 * 3  # both calls' usage counted (2 + 1 features)
+    assert pred.tokens["prompt_tokens"] == sum(len(b["messages"][-1]["content"]) // 4 for b in server.bodies)
     first = server.bodies[0]["messages"][-1]["content"]
     assert "- interest_gardening: prior +0.10; past ads 4" in first
     assert first.startswith("Feature definitions:\n- interest_gardening: how much the user likes gardening")

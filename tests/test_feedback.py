@@ -46,6 +46,7 @@ def events(n: int, seed: int = 1, prefix: str = "e") -> list[dict]:
             "features": rng.normal(size=D).round(4).tolist(),
             "clicked": int(rng.random() < 0.3),
             "event_id": f"{prefix}{i}",
+            "zscored": True,  # the test artifacts carry no feature scaling
         }
         for i in range(n)
     ]
@@ -180,7 +181,7 @@ def test_feedback_over_http(served):
     assert r.status_code == 202 and r.json()["seq"] == [31, 31]
     h = wait_applied(client, url, 31)
     assert h["ads"]["ad0"]["impressions"] == 7 and h["refits"] >= 1
-    body = client.post(f"{url}/rank", json={"features": [0.0] * D, "k": 3}).json()
+    body = client.post(f"{url}/rank", json={"features": [0.0] * D, "k": 3, "zscored": True}).json()
     assert body["model_version"] == scorer.snapshot.version != v0
     assert client.post(f"{url}/reload").status_code == 409
 
@@ -192,12 +193,16 @@ def test_feedback_over_http(served):
         ({"ad": "ad1", "clicked": 2, "features": [0.0] * D}, "'clicked' must be 0, 1"),
         ({"ad": "ad1", "clicked": 0.5, "features": [0.0] * D}, "'clicked' must be 0, 1"),
         ({"ad": "ad1", "clicked": 1}, "exactly one of 'features'"),
-        ({"ad": "ad1", "clicked": 1, "features": [0.0] * (D - 1)}, f"expected {D} feature values"),
+        ({"ad": "ad1", "clicked": 1, "features": [0.0] * (D - 1), "zscored": True},
+         f"expected {D} feature values"),
+        ({"ad": "ad1", "clicked": 1, "features": [0.0] * D}, "carries no feature scaling"),
+        ({"ad": "ad1", "clicked": 1, "features": [0.0] * D, "zscored": "yes"}, "'zscored' must be true or false"),
         ({"ad": "ad1", "clicked": 1, "user": "u1"}, "knows no users"),
         ({"ad": "ad1", "clicked": 1, "features": [0.0] * D, "extra": 1}, "unknown fields ['extra']"),
         ({"ad": "ad1", "clicked": 1, "features": [0.0] * D, "event_id": ""}, "'event_id' must be a string"),
         ({"events": []}, "non-empty list"),
-        ({"events": [{"ad": "ad1", "clicked": 1, "features": [0.0] * D}, {"ad": "ad1"}]}, "events[1]:"),
+        ({"events": [{"ad": "ad1", "clicked": 1, "features": [0.0] * D}, {"ad": "ad1"}], "zscored": True},
+         "events[1]:"),
         ({"events": [{"ad": "ad1", "clicked": 1, "features": [0.0] * D}] * 257}, "at most 256 events"),
         ([1, 2], "an event must be an object"),
     ],
@@ -223,14 +228,14 @@ def test_feedback_off_is_404(artifact):
 def test_thompson_ranks_by_posterior_draws(artifact):
     scorer, fb = open_service(artifact, thompson=True, precision=0.5)
     with running_server(create_app(scorer, fb)) as url, httpx.Client(trust_env=False) as client:
-        x = {"features": [0.3] * D, "k": N_ADS}
+        x = {"features": [0.3] * D, "k": N_ADS, "zscored": True}
         orders = {
             tuple(a["ad_id"] for a in client.post(f"{url}/rank", json=x).json()["ads"]) for _ in range(20)
         }
         assert len(orders) > 1  # a wide prior: draws differ
     plain = Scorer.from_dirs(artifact / "gen")
     with running_server(create_app(plain)) as url, httpx.Client(trust_env=False) as client:
-        x = {"features": [0.3] * D, "k": N_ADS}
+        x = {"features": [0.3] * D, "k": N_ADS, "zscored": True}
         orders = {
             tuple(a["ad_id"] for a in client.post(f"{url}/rank", json=x).json()["ads"]) for _ in range(5)
         }
@@ -347,7 +352,7 @@ def test_kill_9_mid_stream_applies_every_acknowledged_event_exactly_once(artifac
                 want[e["ad"]] = want.get(e["ad"], 0) + 1
             assert h["applied_events"] == len(sent) == h["logged_events"]  # each event counted exactly once
             assert {a: s["impressions"] for a, s in h["ads"].items()} == want
-            probe = {"users": [[0.0] * D, [1.0] * D, [-0.5] * D], "k": N_ADS}
+            probe = {"users": [[0.0] * D, [1.0] * D, [-0.5] * D], "k": N_ADS, "zscored": True}
             before = c.post(f"{url}/rank", json=probe).json()
         _kill(proc)  # all applied: a restart must serve exactly these weights
         proc, url = _start(artifact)

@@ -479,6 +479,10 @@ def _parse(*argv):
         ["--threads", "0"],
         ["--max-tokens", "0"],
         ["--frequency-penalty", "inf"],
+        ["--workers", "0"],
+        ["--retries", "-1"],
+        ["--ad-retries", "-1"],
+        ["--retry-wait", "-1"],
     ],
 )
 def test_command_line_refuses_bad_numbers(argv, tmp_path, capsys):

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmhyper.cli.main import main
+from llmhyper.data.scaling import feature_scaling, stamp_scaling
 from llmhyper.errors import DataError, LLMHyperError, MissingDependency
 from llmhyper.serve import batch
 from llmhyper.serve.app import handle_rank
@@ -89,7 +90,7 @@ def test_score_equals_serve_ranking(world):
     for start in range(0, 300, 100):  # serve's batch request, 100 users at a time
         part = df.iloc[start:start + 100]
         body = json.dumps({"users": [dict(zip(NAMES, row)) for row in part[NAMES].to_numpy().tolist()],
-                           "k": 10}).encode()
+                           "k": 10, "zscored": True}).encode()
         resp = handle_rank(snap, body)
         for user, res in zip(part["user"], resp["results"], strict=True):
             ads = res["ads"]
@@ -341,3 +342,65 @@ def test_arrow_memory_does_not_grow_with_the_file(tmp_path):
     seen = [pa.total_allocated_bytes() for _ in table.chunks(2000)]
     first, peak = max(seen[: len(seen) // 5]), max(seen)
     assert peak < first + 2e6 and peak < 25e6, (first, peak)
+
+
+# -- raw features: z-scored with the artifact's scaling, as serve does (issue 16) ---------------------
+MEAN = np.linspace(-5.0, 60.0, D)
+STD = np.linspace(0.1, 15.0, D)
+
+
+def scaled_world(tmp_path: Path) -> tuple[Snapshot, pd.DataFrame, pd.DataFrame]:
+    gen, trained = make_world(tmp_path)
+    scaling = feature_scaling(NAMES, MEAN, STD)
+    for d in (gen, trained):
+        stamp_scaling(WeightTable.load(d), scaling).save(d)
+    z = users_frame(200, extra=False)
+    raw = z.copy()
+    raw[NAMES] = MEAN + STD * z[NAMES].to_numpy()
+    return Scorer.from_dirs(gen, trained).snapshot, raw, z
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_raw_users_rank_as_their_zscored_features(tmp_path, suffix):
+    snap, raw, z = scaled_world(tmp_path)
+    raw_file = write_users(tmp_path / f"raw{suffix}", raw)
+    z_file = write_users(tmp_path / f"z{suffix}", z)
+    score_file(snap, ScoreSettings(users=raw_file, out=tmp_path / "raw_top.parquet", chunk=64))  # default: raw
+    score_file(snap, ScoreSettings(users=z_file, out=tmp_path / "z_top.parquet", chunk=64, raw_features=False))
+    assert_same_top(tmp_path / "raw_top.parquet", tmp_path / "z_top.parquet")
+    meta = json.loads(pq.read_schema(tmp_path / "raw_top.parquet").metadata[b"llmhyper"])
+    assert meta["features"].startswith("raw")
+    # serve's raw request gives the same ranking
+    body = json.dumps({"users": raw[NAMES].to_numpy()[:50].tolist(), "k": 10}).encode()
+    out = read_out(tmp_path / "raw_top.parquet")
+    for user, res in zip(raw["user"][:50], handle_rank(snap, body)["results"], strict=True):
+        assert out[out["user"] == user]["ad"].tolist() == [a["ad_id"] for a in res["ads"]]
+
+
+def test_cli_score_raw_by_default_and_zscored_on_request(tmp_path, capsys):
+    _, raw, z = scaled_world(tmp_path)
+    raw_file, z_file = write_users(tmp_path / "raw.csv", raw), write_users(tmp_path / "z.csv", z)
+    base = ["score", "--weights", str(tmp_path / "gen"), "--trained", str(tmp_path / "trained"), "--k", "5"]
+    assert main([*base, "--users", str(raw_file), "--out", str(tmp_path / "a.parquet")]) == 0
+    assert "raw features, z-scored" in capsys.readouterr().err
+    assert main([*base, "--users", str(raw_file), "--out", str(tmp_path / "b.parquet"), "--raw-features"]) == 0
+    assert main([*base, "--users", str(z_file), "--out", str(tmp_path / "c.parquet"), "--zscored"]) == 0
+    capsys.readouterr()
+    assert_same_top(tmp_path / "a.parquet", tmp_path / "b.parquet")
+    assert_same_top(tmp_path / "a.parquet", tmp_path / "c.parquet")
+    # an artifact without scaling: z-scored values (with a note), --raw-features is refused in one line
+    gen, _ = make_world(tmp_path / "plain")
+    plain = ["score", "--weights", str(gen), "--users", str(z_file), "--out", str(tmp_path / "d.parquet")]
+    assert main(plain) == 0
+    assert "no feature scaling" in capsys.readouterr().err
+    assert main([*plain, "--raw-features"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no feature scaling" in err and "\n" not in err
+
+
+def test_raw_value_too_large_after_scaling_names_row_and_column(tmp_path):
+    snap, raw, _ = scaled_world(tmp_path)
+    raw.loc[3, "f0"] = 1e300
+    f = write_users(tmp_path / "raw.parquet", raw)
+    with pytest.raises(DataError, match=r"row 4.*'f0'.*after z-scoring"):
+        score_file(snap, ScoreSettings(users=f, out=tmp_path / "o.parquet"))

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from llmhyper.data.contract import load_folder, read_user_features
+from llmhyper.data.scaling import feature_scaling, scaling_arrays, stamp_scaling
+from llmhyper.data.tables import find_table
 from llmhyper.errors import DataError
+from llmhyper.serve.artifact import read_artifact
 from llmhyper.serve.scorer import FeatureError, Scorer, Snapshot
 from llmhyper.weights import WeightTable, sigmoid
 
 NAMES = ["age", "is_female", "like_Action"]
+EXAMPLE = Path(__file__).resolve().parent.parent / "data" / "example"
 
 
 def tiny() -> WeightTable:
@@ -314,7 +321,7 @@ def test_snapshot_build_directly():
 
 
 def test_blocked_scores_equal_unblocked(monkeypatch):
-    import llmhyper.serve.scorer as scorer_module
+    import llmhyper.serve.snapshot as scorer_module
 
     table = random_table(n_ads=50, d=40, seed=7)
     X = np.random.default_rng(8).normal(size=(97, 40))
@@ -350,3 +357,92 @@ def test_with_weights_keeps_ads_flags_and_sources_and_swap_serves_it():
         snap.with_weights(theta, b * np.nan, "bad")
     with pytest.raises(FeatureError):
         scorer.swap(Scorer.from_tables(random_table(n_ads=6, d=5)).snapshot)
+
+
+# -- feature scaling: raw values z-scored with the artifact's train means and stds --------------------
+SCALE = feature_scaling(NAMES, [34.0, 0.3, 0.5], [11.0, 0.46, 0.2])
+
+
+def test_raw_values_are_zscored_with_the_artifacts_scaling(tmp_path):
+    t = stamp_scaling(tiny(), SCALE)
+    t.save(tmp_path / "g")
+    snap = Scorer.from_dirs(tmp_path / "g").snapshot
+    np.testing.assert_allclose(snap.scaling[0], [34.0, 0.3, 0.5])
+    raw = {"age": 56.0, "is_female": 1, "like_Action": 0.1}
+    z = [(56.0 - 34.0) / 11.0, (1 - 0.3) / 0.46, (0.1 - 0.5) / 0.2]
+    np.testing.assert_allclose(snap.vectorize(raw, raw=True), np.array(z, np.float32), rtol=1e-6)
+    np.testing.assert_allclose(snap.zscore([[56.0, 1, 0.1]]), [z])
+    assert snap.rank(snap.vectorize(raw, raw=True)) == snap.rank(z)
+    with pytest.raises(FeatureError, match="no feature scaling"):
+        Scorer.from_tables(tiny()).snapshot.vectorize(raw, raw=True)
+
+
+def test_scaling_of_both_artifacts_must_agree():
+    trained = WeightTable("lr_warm", ["b"], NAMES, np.zeros((1, 3)), [1.0])
+    gen = stamp_scaling(tiny(), SCALE)
+    snap = Snapshot.build(tiny(), stamp_scaling(trained, SCALE))  # only the trained one has it: used
+    np.testing.assert_allclose(snap.scaling[1], [11.0, 0.46, 0.2])
+    other = feature_scaling(NAMES, [30.0, 0.3, 0.5], [11.0, 0.46, 0.2])
+    with pytest.raises(DataError, match="different feature scalings"):
+        Snapshot.build(gen, stamp_scaling(trained, other))
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ([1, 2], "must be an object with 'mean' and 'std'"),
+    ({"mean": {"age": 0}}, "must be an object with 'mean' and 'std'"),
+    ({"mean": {"age": 0.0}, "std": {"age": 1.0}}, "lacks features ['is_female', 'like_Action']"),
+    ({"mean": dict.fromkeys(NAMES, 0.0), "std": {**dict.fromkeys(NAMES, 1.0), "age": 0.0}}, "positive finite"),
+    ({"mean": {**dict.fromkeys(NAMES, 0.0), "age": "x"}, "std": dict.fromkeys(NAMES, 1.0)}, "not numbers"),
+])
+def test_malformed_scaling_is_a_one_line_data_error(tmp_path, scaling, message):
+    t = tiny()
+    t.meta = {"feature_scaling": scaling}
+    t.save(tmp_path / "g")
+    with pytest.raises(DataError, match=re.escape(message)):
+        Scorer.from_dirs(tmp_path / "g")
+
+
+def test_stamp_scaling_keeps_the_tables_features_only():
+    wide = feature_scaling([*NAMES, "extra"], [1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0])
+    t = stamp_scaling(tiny().aligned(NAMES[::-1]), wide)
+    assert list(t.meta["feature_scaling"]["mean"]) == NAMES[::-1]
+    assert stamp_scaling(tiny(), None).meta == {}
+    assert stamp_scaling(tiny(), feature_scaling(["age"], [1.0], [1.0])).meta == {}  # partial: not stamped
+
+
+def test_load_folder_scaling_reproduces_its_features():
+    data = load_folder(EXAMPLE)
+    _, X_raw = read_user_features(find_table(EXAMPLE, "users"), data.features)
+    mean, std = scaling_arrays(data.scaling, data.feature_names)
+    np.testing.assert_allclose((X_raw - mean) / std, data.X, atol=1e-12)
+    raw = load_folder(EXAMPLE, do_standardize=False)
+    np.testing.assert_array_equal(scaling_arrays(raw.scaling, raw.feature_names)[1], 1.0)
+
+
+def test_vectorize_huge_numbers():
+    snap = Scorer.from_tables(tiny()).snapshot
+    with pytest.raises(FeatureError, match="too large"):
+        snap.vectorize([10**400, 0, 0])
+    with pytest.raises(FeatureError, match="float32 range"):
+        snap.vectorize([1e300, 0, 0])
+
+
+# -- reading an artifact while it is replaced ---------------------------------------------------------
+def test_a_half_replaced_artifact_is_read_again_until_both_files_agree(tmp_path):
+    tiny().save(tmp_path / "old")
+    new = random_table(3, 3, seed=1)
+    new.feature_names = list(NAMES)
+    new.ad_ids = ["a", "b", "c"]
+    new.save(tmp_path / "new")
+    d = tmp_path / "g"
+    d.mkdir()
+    (d / "weights.npz").write_bytes((tmp_path / "new" / "weights.npz").read_bytes())  # the npz renamed first
+    (d / "weights.json").write_bytes((tmp_path / "old" / "weights.json").read_bytes())
+    with pytest.raises(DataError, match="does not match"):  # never the new npz with the old json
+        read_artifact(d, attempts=2)
+    writer = threading.Timer(0.1, lambda: (d / "weights.json").write_bytes(
+        (tmp_path / "new" / "weights.json").read_bytes()))
+    writer.start()
+    table, _ = read_artifact(d)
+    writer.join()
+    np.testing.assert_array_equal(table.theta, new.theta)

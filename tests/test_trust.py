@@ -16,11 +16,11 @@ from llmhyper.trust.explain import (
     explainability,
     hit_rate_at_k,
     random_expectation,
-    score_consistency,
     target_features,
     top_k,
     weights_from_run,
 )
+from llmhyper.trust.consistency import score_consistency
 from llmhyper.trust.robustness import direction_accuracy, direction_correct, robustness_study, text_unchanged
 from tests.fakes import HashEncoder
 from tests.scripted_lm import Handle, scripted_lm

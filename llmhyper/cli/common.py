@@ -67,14 +67,26 @@ def id_list(text: str) -> list[str]:
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="movielens-100k", choices=DATASETS, help="a named data set")
-    p.add_argument("--data", type=non_empty,
-                   help="a folder with your own ads/features/users/impressions tables (overrides --dataset)")
-    p.add_argument("--posters", type=non_empty,
-                   help="poster folder for MovieLens (default: ../shared/data/ml100k-posters if present)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the user split and of every sample")
+    p.add_argument(
+        "--data",
+        type=non_empty,
+        help="a folder with your own ads/features/users/impressions tables (overrides --dataset)",
+    )
+    p.add_argument(
+        "--posters",
+        type=non_empty,
+        help="poster folder for MovieLens (default: ../shared/data/ml100k-posters if present)",
+    )
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the user split and of every sample"
+    )
     p.add_argument("--k", type=positive_int, default=3, help="neighbours retrieved per cold ad")
-    p.add_argument("--encoder", type=non_empty, default="minilm-effnet-conse",
-                   help="minilm-effnet-conse | open_clip:ARCH:CKPT")
+    p.add_argument(
+        "--encoder",
+        type=non_empty,
+        default="minilm-effnet-conse",
+        help="minilm-effnet-conse | open_clip:ARCH:CKPT",
+    )
 
 
 def data_settings(args: argparse.Namespace) -> DataSettings:

@@ -10,8 +10,11 @@ from llmhyper.data import load_dataset
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="fetch/prepare a data set and print its card",
-                       description="Fetch or build a data set and print its card and every feature's definition.")
+    p = sub.add_parser(
+        "data",
+        help="fetch/prepare a data set and print its card",
+        description="Fetch or build a data set and print its card and every feature's definition.",
+    )
     add_data_args(p)
     p.set_defaults(func=run)
 

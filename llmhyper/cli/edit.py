@@ -12,7 +12,7 @@ from llmhyper.ctr.prepare import prepare
 from llmhyper.data import load_dataset
 from llmhyper.errors import LLMHyperError
 from llmhyper.hyper.edit import MODES, EditConfig, EditProgram
-from llmhyper.hyper.edit_inputs import edit_context
+from llmhyper.hyper.edit_inputs import edit_context, held_out_neighbours
 from llmhyper.hyper.edit_run import GateSettings, validation_ads
 from llmhyper.hyper.views import captions_for
 from llmhyper.llm.build import build_lm
@@ -24,23 +24,33 @@ from llmhyper.retrieval.encoders import get_encoder
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("edit", help="the edit program: the LM as a gated editor of the learned prior",
-                       description="Compile (fit the gate on held-out retired ads) or run the edit program.")
+    p = sub.add_parser(
+        "edit",
+        help="the edit program: the LM as a gated editor of the learned prior",
+        description="Compile (fit the gate on held-out retired ads) or run the edit program.",
+    )
     inner = p.add_subparsers(dest="edit_command", required=True)
-    c = inner.add_parser("compile", help="fit gamma on held-out retired ads; write programs/NAME.json + manifest")
+    c = inner.add_parser(
+        "compile", help="fit gamma on held-out retired ads; write programs/NAME.json + manifest"
+    )
     r = inner.add_parser("run", help="run a compiled edit program on the cold ads (resumable)")
     for q in (c, r):
         add_data_args(q)
         q.add_argument("--lm", default="embedded", help="'embedded' or a DSPy model string (openai/...)")
         q.add_argument("--api-base", help="OpenAI-compatible endpoint for --lm (needed for --mode logprobs)")
         q.add_argument("--api-key-env", help="environment variable holding the API key")
-        q.add_argument("--threads", type=positive_int, default=2, help="CPU threads of the embedded LLM server")
+        q.add_argument(
+            "--threads", type=positive_int, default=2, help="CPU threads of the embedded LLM server"
+        )
         q.add_argument("--quiet", action="store_true", help="no per-ad progress lines")
     c.add_argument("--out", default="programs/edit_ml100k", help="program path without .json")
     c.add_argument("--mode", choices=MODES, default="logprobs", help="how labels are read")
     c.add_argument("--validation-ads", type=positive_int, default=40, help="held-out retired ads")
-    c.add_argument("--group-by", help="metadata field (e.g. topics): held-out retired ads get a prior fit "
-                                      "without their group, for cold ads about things no retired ad is")
+    c.add_argument(
+        "--group-by",
+        help="metadata field (e.g. topics): held-out retired ads get a prior fit "
+        "without their group, for cold ads about things no retired ad is",
+    )
     c.set_defaults(func=run_compile)
     r.add_argument("--program", default="programs/edit_ml100k.json", help="a compiled edit program")
     r.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
@@ -50,13 +60,20 @@ def add_parser(sub) -> None:
 
 
 def _setup(args: argparse.Namespace, config: EditConfig, group_by: str | None):
-    lm_settings = LMSettings(spec=args.lm, api_base=args.api_base, api_key_env=args.api_key_env,
-                             n_threads=args.threads).validate()
+    lm_settings = LMSettings(
+        spec=args.lm, api_base=args.api_base, api_key_env=args.api_key_env, n_threads=args.threads
+    ).validate()
     data = load_dataset(data_settings(args))
     encoder = get_encoder(args.encoder)
     prep = prepare(data, encoder=encoder, k=args.k, seed=args.seed)
-    settings = EditRunSettings(data=data_settings(args), encoder=args.encoder, k=args.k, lm=lm_settings.record(),
-                               config=config, group_by=group_by)
+    settings = EditRunSettings(
+        data=data_settings(args),
+        encoder=args.encoder,
+        k=args.k,
+        lm=lm_settings.record(),
+        config=config,
+        group_by=group_by,
+    )
     return data, encoder, prep, lm_settings, settings
 
 
@@ -67,20 +84,47 @@ def run_compile(args: argparse.Namespace) -> int:
     data, encoder, prep, lm_settings, settings = _setup(args, config, args.group_by)
     gate = GateSettings(n_ads=args.validation_ads, seed=args.seed)
     ids = validation_ads(prep, gate)
-    nbs = prep.neighbours_of(ids)
     ctx = edit_context(prep, list(data.cold_ads), encoder, group_by=args.group_by)
+    nbs = held_out_neighbours(prep, ctx, ids)
     captions = captions_for(prep, encoder, sorted(set(ids) | {n.ad_id for v in nbs.values() for n in v}))
     with build_lm(lm_settings) as handle, dspy.context(lm=handle.lm):
         client = client_for_handle(handle, cache_dir() / "lm-logprobs") if config.mode == "logprobs" else None
         program = EditProgram(config, client=client)
-        man = compile_edit(prep, ctx, program, Path(args.out), captions, settings, gate, handle.description,
-                           progress=not args.quiet)
+        man = compile_edit(
+            prep,
+            ctx,
+            program,
+            Path(args.out),
+            captions,
+            settings,
+            gate,
+            handle.description,
+            progress=not args.quiet,
+        )
     v = man["validation"]
-    print(json.dumps({k: v[k] for k in ("gamma", "validation_auc_prior", "validation_auc_edited", "metric_calls",
-                                        "lm_calls", "parse_failures", "seconds")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: v[k]
+                for k in (
+                    "gamma",
+                    "validation_auc_prior",
+                    "validation_auc_edited",
+                    "metric_calls",
+                    "lm_calls",
+                    "parse_failures",
+                    "seconds",
+                )
+            },
+            indent=2,
+        )
+    )
     if man["lm_adds_nothing"]:
-        print("llmhyper: gamma is 0: on held-out retired ads the LM's edits do not improve the prior, so the "
-              "program's weights equal the prior's", file=sys.stderr)
+        print(
+            "llmhyper: gamma is 0: on held-out retired ads the LM's edits do not improve the prior, so the "
+            "program's weights equal the prior's",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -96,13 +140,28 @@ def run_run(args: argparse.Namespace) -> int:
     data, encoder, prep, lm_settings, settings = _setup(args, config, group_by)
     ad_ids = list(data.cold_ads)[: args.limit] if args.limit else list(data.cold_ads)
     ctx = edit_context(prep, ad_ids, encoder, group_by=group_by)
-    captions = captions_for(prep, encoder, sorted(set(ad_ids) | {n.ad_id for a in ad_ids for n in prep.neighbours[a]}))
+    captions = captions_for(
+        prep, encoder, sorted(set(ad_ids) | {n.ad_id for a in ad_ids for n in prep.neighbours[a]})
+    )
     with build_lm(lm_settings) as handle, dspy.context(lm=handle.lm):
         client = client_for_handle(handle, cache_dir() / "lm-logprobs") if config.mode == "logprobs" else None
         program, man = load_edit_program(program_path, client, config.mode)
-        totals = run_edit(prep, ctx, program, man, ad_ids, Path(args.out), captions, settings, program_path,
-                          handle.description, progress=not args.quiet)
+        totals = run_edit(
+            prep,
+            ctx,
+            program,
+            man,
+            ad_ids,
+            Path(args.out),
+            captions,
+            settings,
+            program_path,
+            handle.description,
+            progress=not args.quiet,
+        )
     print(json.dumps(totals, indent=2))
-    print(f"weights: {Path(args.out) / 'weights'}  (gamma {man['gamma']:.3f}; score them: llmhyper evaluate "
-          f"--weights {Path(args.out) / 'weights'})")
+    print(
+        f"weights: {Path(args.out) / 'weights'}  (gamma {man['gamma']:.3f}; score them: llmhyper evaluate "
+        f"--weights {Path(args.out) / 'weights'})"
+    )
     return 0

@@ -11,6 +11,7 @@ from llmhyper.cli.common import add_data_args, data_settings, non_empty, non_neg
 from llmhyper.ctr.evaluate import baseline_methods, evaluable_ads, evaluate, load_artifacts, markdown_table
 from llmhyper.ctr.prepare import prepare
 from llmhyper.data import load_dataset
+from llmhyper.data.scaling import stamp_scaling
 from llmhyper.errors import LLMHyperError
 from llmhyper.retrieval.encoders import get_encoder
 from llmhyper.store import write_json_atomic
@@ -18,20 +19,39 @@ from llmhyper.weights import WeightTable
 
 # rows evaluate makes itself (and the pool --save writes): an artifact by one of these names is refused up
 # front, and again against the actual baselines below
-BASELINE_NAMES = ("lr_warm", "lr_cold", "knn", "knn_cal", "ridge", "ridge_cal", "popularity", "random",
-                  "embsim", "retired", "truth")
+BASELINE_NAMES = (
+    "lr_warm",
+    "lr_cold",
+    "knn",
+    "knn_cal",
+    "ridge",
+    "ridge_cal",
+    "popularity",
+    "random",
+    "embsim",
+    "retired",
+    "truth",
+)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="score baselines and weight artifacts on the cold ads",
-                       description="Score every baseline and the given weight artifacts on the cold ads, with "
-                                   "paired bootstrap intervals over users.")
+    p = sub.add_parser(
+        "evaluate",
+        help="score baselines and weight artifacts on the cold ads",
+        description="Score every baseline and the given weight artifacts on the cold ads, with "
+        "paired bootstrap intervals over users.",
+    )
     add_data_args(p)
     p.add_argument("--weights", action="append", type=non_empty, help="a weight artifact folder (repeatable)")
     p.add_argument("--json", type=non_empty, help="also write the results as JSON here")
-    p.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples (0: no intervals)")
-    p.add_argument("--save", type=non_empty,
-                   help="also save every baseline's weights (and the retired pool) under this folder")
+    p.add_argument(
+        "--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples (0: no intervals)"
+    )
+    p.add_argument(
+        "--save",
+        type=non_empty,
+        help="also save every baseline's weights (and the retired pool) under this folder",
+    )
     p.set_defaults(func=run)
 
 
@@ -44,15 +64,19 @@ def run(args: argparse.Namespace) -> int:
     for name, table in artifacts.items():  # before any model is trained
         missing = [f for f in data.feature_names if f not in set(table.feature_names)]
         if missing:
-            raise LLMHyperError(f"the weight artifact '{name}' lacks {len(missing)} features of {data.name} "
-                                f"(first: {missing[:3]}); was it made on other data?")
+            raise LLMHyperError(
+                f"the weight artifact '{name}' lacks {len(missing)} features of {data.name} "
+                f"(first: {missing[:3]}); was it made on other data?"
+            )
     encoder = get_encoder(args.encoder)
     prep = prepare(data, encoder=encoder, k=args.k, seed=args.seed)
     methods = baseline_methods(prep, encoder, seed=args.seed)
     clash = [name for name in artifacts if name in methods]
     if clash:
-        raise LLMHyperError(f"the weight artifact '{clash[0]}' has the name of a baseline; change 'method' "
-                            "in its weights.json")
+        raise LLMHyperError(
+            f"the weight artifact '{clash[0]}' has the name of a baseline; change 'method' "
+            "in its weights.json"
+        )
     ad_ids, notes = evaluable_ads(prep)
     for note in notes:
         print(f"llmhyper: {note}", file=sys.stderr)
@@ -62,12 +86,13 @@ def run(args: argparse.Namespace) -> int:
         methods[name] = table
     if not ad_ids:
         raise LLMHyperError("the weight artifacts cover none of the cold ads that can be evaluated here")
-    result = evaluate(prep, methods, ad_ids=ad_ids, n_boot=args.bootstrap, seed=args.seed,
-                      challengers=list(artifacts))
+    result = evaluate(
+        prep, methods, ad_ids=ad_ids, n_boot=args.bootstrap, seed=args.seed, challengers=list(artifacts)
+    )
     if args.save:  # every linear method's weights (and the retired pool) as npz + JSON artifacts
         for name, m in {"retired": prep.retired, **methods}.items():
             if isinstance(m, WeightTable) and name not in artifacts:
-                m.save(Path(args.save) / name)
+                stamp_scaling(m, data.scaling).save(Path(args.save) / name)  # servable on raw features
     result["wall_seconds"] = round(time.time() - t0, 1)
     print(markdown_table(result))
     print(f"\n(wall time {result['wall_seconds']} s)")

@@ -1,9 +1,9 @@
 """`llmhyper evolution`: review a compile's prompt evolution from its own JSON log (no GEPA pickle needed).
 
-    llmhyper evolution programs/NAME                  lineage tree, scores, best-so-far curve, iterations,
-                                                      and the best candidate's instruction diff
-    llmhyper evolution programs/NAME --candidate 3    candidate 3's instruction diff against its parent(s)
-    llmhyper evolution programs/NAME --html out.html  also one self-contained page (inline CSS/JS/SVG)
+llmhyper evolution programs/NAME                  lineage tree, scores, best-so-far curve, iterations,
+                                                  and the best candidate's instruction diff
+llmhyper evolution programs/NAME --candidate 3    candidate 3's instruction diff against its parent(s)
+llmhyper evolution programs/NAME --html out.html  also one self-contained page (inline CSS/JS/SVG)
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from llmhyper.store import write_text_atomic
 def add_parser(sub) -> None:
     p = sub.add_parser("evolution", help="review a compile's prompt evolution (tree, scores, diffs; --html)")
     p.add_argument("path", help="programs/NAME (or NAME.json, NAME.evolution)")
-    p.add_argument("--candidate", type=non_negative_int,
-                   help="show the instruction diff of this candidate vs its parent")
+    p.add_argument(
+        "--candidate", type=non_negative_int, help="show the instruction diff of this candidate vs its parent"
+    )
     p.add_argument("--all-diffs", action="store_true", help="show the diff of every candidate")
     p.add_argument("--html", help="also write one self-contained HTML page here")
     p.set_defaults(func=run)

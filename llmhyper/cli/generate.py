@@ -95,8 +95,10 @@ def add_parser(sub) -> None:
         action="store_true",
         help="run the ads as Ray actors (pip extra 'ray'); this process still writes the run folder",
     )
-    p.add_argument("--ray-address", help="with --ray: join this cluster ('auto', 'ray://HOST:10001'); "
-                   "default: a local Ray")
+    p.add_argument(
+        "--ray-address",
+        help="with --ray: join this cluster ('auto', 'ray://HOST:10001'); default: a local Ray",
+    )
     p.set_defaults(func=run)
 
 

@@ -25,13 +25,27 @@ from llmhyper.cli import warmup as warmup_cmd  # noqa: E402
 from llmhyper.cli.common import HelpFormatter, StrictParser  # noqa: E402
 from llmhyper.errors import LLMHyperError  # noqa: E402
 
-COMMANDS = [data_cmd, evaluate_cmd, edit_cmd, generate_cmd, compile_cmd, evolution_cmd, score_cmd, warmup_cmd,
-            serve_cmd, trust_cmd, report_cmd]
+COMMANDS = [
+    data_cmd,
+    evaluate_cmd,
+    edit_cmd,
+    generate_cmd,
+    compile_cmd,
+    evolution_cmd,
+    score_cmd,
+    warmup_cmd,
+    serve_cmd,
+    trust_cmd,
+    report_cmd,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmhyper", description="LLM-HYPER: CTR weights for brand-new ads.",
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="llmhyper",
+        description="LLM-HYPER: CTR weights for brand-new ads.",
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"llmhyper {llmhyper.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=StrictParser)
     for command in COMMANDS:

@@ -7,16 +7,32 @@ import sys
 from pathlib import Path
 
 from llmhyper._lazy import require
-from llmhyper.cli.common import finite_float, positive_int
+from llmhyper.cli.common import finite_float, non_negative_float, positive_int
 from llmhyper.serve.app import DEFAULT_HOST, DEFAULT_PORT, create_app, host_warning
 from llmhyper.serve.feedback import FeedbackService, FeedbackSettings
-from llmhyper.serve.scorer import Scorer
+from llmhyper.serve.workers import (
+    DEFAULT_WATCH_SECONDS,
+    ArtifactWatcher,
+    ServeSettings,
+    check_workers,
+    run_workers,
+)
 
 
 def positive_float(text: str) -> float:
     value = finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {text}")
     return value
 
 
@@ -31,10 +47,10 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", required=True, help="generated weight artifact folder (e.g. RUN/weights)")
     p.add_argument("--trained", help="artifact of trained per-ad models; these ads are served from it")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to bind")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="TCP port")
     p.add_argument(
         "--flag-threshold",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="drop a judge-flagged ad for users with |standardised flagged feature| >= this",
     )
@@ -45,6 +61,20 @@ def add_parser(sub) -> None:
         help="serve the generated ads or also ads only the trained artifact has",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="worker processes on the one port, each loading the artifact and watching it for new "
+        "weights; not with --feedback-log",
+    )
+    p.add_argument(
+        "--watch-seconds",
+        type=non_negative_float,
+        default=argparse.SUPPRESS,
+        help="reload when the artifact files change, checked this often (default: "
+        f"{DEFAULT_WATCH_SECONDS:g} with --workers > 1, else off; 0 = off)",
+    )
     fb = p.add_argument_group("online feedback (off unless --feedback-log is given)")
     fb.add_argument("--feedback-log", help="the durable event log (JSONL); replayed on start")
     fb.add_argument(
@@ -81,7 +111,18 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     uvicorn = require("uvicorn", "serve", "llmhyper serve")
-    scorer = Scorer.from_dirs(args.weights, args.trained, args.flag_threshold, catalog=args.catalog)
+    watch = getattr(args, "watch_seconds", None)
+    if watch is None:
+        watch = DEFAULT_WATCH_SECONDS if args.workers > 1 else 0.0
+    check_workers(args.workers, watch, bool(args.feedback_log))
+    serve = ServeSettings(
+        Path(args.weights),
+        Path(args.trained) if args.trained else None,
+        args.flag_threshold,
+        args.catalog,
+        watch,
+    )
+    scorer = serve.scorer()  # also in the supervisor: a bad artifact fails here, once, in one line
     warning = host_warning(args.host)
     if warning:
         print(warning, file=sys.stderr)
@@ -107,14 +148,24 @@ def run(args: argparse.Namespace) -> int:
     elif args.thompson or args.users:
         print("llmhyper serve: warning: --thompson and --users need --feedback-log; ignored", file=sys.stderr)
     snap = scorer.snapshot
+    features = (
+        "raw features (z-scored with the artifact's scaling)"
+        if snap.scaling is not None
+        else ('z-scored features only (the artifact has no feature scaling: send "zscored": true)')
+    )
     print(
-        f"llmhyper serve: {snap.n_ads} ads, {snap.n_features} features, version {snap.version} "
-        f"on http://{args.host}:{args.port}",
+        f"llmhyper serve: {snap.n_ads} ads, {snap.n_features} features, version {snap.version}, {features}; "
+        f"{args.workers} worker{'s' if args.workers > 1 else ''}"
+        f"{f', watching the artifact every {watch:g} s' if watch else ''} on http://{args.host}:{args.port}",
         file=sys.stderr,
     )
+    if args.workers > 1:
+        run_workers(serve, args.workers, args.host, args.port, args.log_level)
+        return 0
+    watcher = ArtifactWatcher(scorer, watch).start() if watch else None
     try:
         uvicorn.run(
-            create_app(scorer, feedback),
+            create_app(scorer, feedback, watcher),
             host=args.host,
             port=args.port,
             log_level=args.log_level,
@@ -123,4 +174,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if feedback is not None:
             feedback.stop()
+        if watcher is not None:
+            watcher.stop()
     return 0

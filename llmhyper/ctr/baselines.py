@@ -22,8 +22,14 @@ def lr_cold(retired: WeightTable, cold_ids: list[str]) -> WeightTable:
     theta = np.median(retired.theta, axis=0)
     b = float(np.median(retired.intercept))
     n = len(cold_ids)
-    return WeightTable("lr_cold", cold_ids, retired.feature_names, np.tile(theta, (n, 1)), np.full(n, b),
-                       meta={"rule": "element-wise median of retired ads' weights", "n_retired": len(retired.ad_ids)})
+    return WeightTable(
+        "lr_cold",
+        cold_ids,
+        retired.feature_names,
+        np.tile(theta, (n, 1)),
+        np.full(n, b),
+        meta={"rule": "element-wise median of retired ads' weights", "n_retired": len(retired.ad_ids)},
+    )
 
 
 def neighbour_weights(neighbours: list[Neighbour]) -> np.ndarray:
@@ -32,7 +38,9 @@ def neighbour_weights(neighbours: list[Neighbour]) -> np.ndarray:
     return w / w.sum() if w.sum() > 0 else np.full(len(neighbours), 1.0 / len(neighbours))
 
 
-def knn_prior(retired: WeightTable, neighbours: dict[str, list[Neighbour]], cold_ids: list[str]) -> WeightTable:
+def knn_prior(
+    retired: WeightTable, neighbours: dict[str, list[Neighbour]], cold_ids: list[str]
+) -> WeightTable:
     thetas, bs = [], []
     for ad in cold_ids:
         nb = neighbours[ad]
@@ -41,8 +49,14 @@ def knn_prior(retired: WeightTable, neighbours: dict[str, list[Neighbour]], cold
         thetas.append(w @ retired.theta[idx])
         bs.append(float(w @ retired.intercept[idx]))
     k = len(next(iter(neighbours.values()))) if neighbours else 0
-    return WeightTable("knn", cold_ids, retired.feature_names, np.array(thetas), np.array(bs),
-                       meta={"rule": "similarity-weighted mean of the k nearest retired ads", "k": k})
+    return WeightTable(
+        "knn",
+        cold_ids,
+        retired.feature_names,
+        np.array(thetas),
+        np.array(bs),
+        meta={"rule": "similarity-weighted mean of the k nearest retired ads", "k": k},
+    )
 
 
 def calibrated(table: WeightTable, X_cal: np.ndarray, alphas: dict[str, float], name: str) -> WeightTable:
@@ -52,23 +66,42 @@ def calibrated(table: WeightTable, X_cal: np.ndarray, alphas: dict[str, float], 
         t = l2_normalize(table.theta[i])
         thetas.append(t)
         bs.append(calibrate_intercept(t, X_cal, alphas[ad]))
-    return WeightTable(name, table.ad_ids, table.feature_names, np.array(thetas), np.array(bs),
-                       dict(table.flags), {**table.meta, "calibrated": True, "from": table.method})
+    return WeightTable(
+        name,
+        table.ad_ids,
+        table.feature_names,
+        np.array(thetas),
+        np.array(bs),
+        dict(table.flags),
+        {**table.meta, "calibrated": True, "from": table.method},
+    )
 
 
 def popularity(cold_ids: list[str], feature_names: list[str], alphas: dict[str, float]) -> WeightTable:
     n = len(cold_ids)
-    return WeightTable("popularity", cold_ids, feature_names, np.zeros((n, len(feature_names))),
-                       np.array([logit(alphas[a]) for a in cold_ids]),
-                       meta={"rule": "intercept only: logit of the neighbours' mean CTR"})
+    return WeightTable(
+        "popularity",
+        cold_ids,
+        feature_names,
+        np.zeros((n, len(feature_names))),
+        np.array([logit(alphas[a]) for a in cold_ids]),
+        meta={"rule": "intercept only: logit of the neighbours' mean CTR"},
+    )
 
 
-def random_weights(cold_ids: list[str], feature_names: list[str], X_cal: np.ndarray, alphas: dict[str, float],
-                   seed: int = 0) -> WeightTable:
+def random_weights(
+    cold_ids: list[str], feature_names: list[str], X_cal: np.ndarray, alphas: dict[str, float], seed: int = 0
+) -> WeightTable:
     rng = np.random.default_rng(seed)
     theta = rng.standard_normal((len(cold_ids), len(feature_names)))
-    table = WeightTable("random", cold_ids, feature_names, theta, np.zeros(len(cold_ids)),
-                        meta={"rule": "random Gaussian direction", "seed": seed})
+    table = WeightTable(
+        "random",
+        cold_ids,
+        feature_names,
+        theta,
+        np.zeros(len(cold_ids)),
+        meta={"rule": "random Gaussian direction", "seed": seed},
+    )
     return calibrated(table, X_cal, alphas, "random")
 
 

@@ -26,12 +26,20 @@ BAR = "knn_cal"
 PRIORS = ("knn_cal", "ridge", "ridge_cal")  # the best of them (on retired validation) is the bar as well
 BAR_METRICS = ["auc", "ad_auc", "ndcg10", "logloss"]
 TABLE_METRICS = ["auc", "ad_auc", "ndcg5", "ndcg10", "logloss", "ece", "calib_ratio"]
-HEADERS = {"auc": "AUC", "ad_auc": "ad-AUC", "ndcg5": "NDCG@5", "ndcg10": "NDCG@10", "logloss": "log loss",
-           "ece": "ECE", "calib_ratio": "pred/obs CTR"}
+HEADERS = {
+    "auc": "AUC",
+    "ad_auc": "ad-AUC",
+    "ndcg5": "NDCG@5",
+    "ndcg10": "NDCG@10",
+    "logloss": "log loss",
+    "ece": "ECE",
+    "calib_ratio": "pred/obs CTR",
+}
 
 
-def baseline_methods(prep: Prepared, encoder=None, seed: int = 0,
-                     prior: PriorSettings | None = None) -> dict[str, Any]:
+def baseline_methods(
+    prep: Prepared, encoder=None, seed: int = 0, prior: PriorSettings | None = None
+) -> dict[str, Any]:
     data, cold = prep.data, prep.data.cold_ads
     knn = bl.knn_prior(prep.retired, prep.neighbours, cold)
     methods: dict[str, Any] = {
@@ -73,7 +81,9 @@ def predict(method: Any, prep: Prepared, users: np.ndarray, ad_ids: list[str]) -
     return method.predict_users(users, ad_ids)
 
 
-def ranking_latency_ms(method: Any, prep: Prepared, users: np.ndarray, ad_ids: list[str], k: int = 10) -> float:
+def ranking_latency_ms(
+    method: Any, prep: Prepared, users: np.ndarray, ad_ids: list[str], k: int = 10
+) -> float:
     """Median wall time to score one user against all ads and take the top k (float32, in-process)."""
     if isinstance(method, WeightTable):
         t = method.subset(ad_ids).aligned(prep.data.feature_names)
@@ -106,9 +116,17 @@ def best_prior(methods: dict[str, Any]) -> tuple[str | None, dict[str, float]]:
     return (max(known, key=known.get) if known else None), val
 
 
-def evaluate(prep: Prepared, methods: dict[str, Any], *, ad_ids: list[str] | None = None, n_boot: int = 1000,
-             seed: int = 0, reference: str = REFERENCE, challengers: list[str] | None = None,
-             bar: str = BAR) -> dict[str, Any]:
+def evaluate(
+    prep: Prepared,
+    methods: dict[str, Any],
+    *,
+    ad_ids: list[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    reference: str = REFERENCE,
+    challengers: list[str] | None = None,
+    bar: str = BAR,
+) -> dict[str, Any]:
     """Every method on test users x `ad_ids`; each `challenger` (a weight artifact such as an LLM-HYPER
     run) is also compared, paired, with the best prior (chosen on retired validation, see `best_prior`)
     and with `bar` (the calibrated k-NN prior)."""
@@ -127,9 +145,15 @@ def evaluate(prep: Prepared, methods: dict[str, Any], *, ad_ids: list[str] | Non
             fn = METRICS[metric]
             if ref is not None and name != reference:
                 bs = paired_bootstrap(fn, Y, P, ref, mask=M, n_boot=n_boot, seed=seed)
-                row[metric] = {"value": bs["a"], "lo": bs["a_lo"], "hi": bs["a_hi"],
-                               "diff_vs_ref": bs["diff"], "diff_lo": bs["diff_lo"], "diff_hi": bs["diff_hi"],
-                               "p_value": bs["p_value"]}
+                row[metric] = {
+                    "value": bs["a"],
+                    "lo": bs["a_lo"],
+                    "hi": bs["a_hi"],
+                    "diff_vs_ref": bs["diff"],
+                    "diff_lo": bs["diff_lo"],
+                    "diff_hi": bs["diff_hi"],
+                    "p_value": bs["p_value"],
+                }
             else:
                 v, lo, hi = bootstrap_interval(fn, Y, P, mask=M, n_boot=n_boot, seed=seed)
                 row[metric] = {"value": v, "lo": lo, "hi": hi}
@@ -138,15 +162,31 @@ def evaluate(prep: Prepared, methods: dict[str, Any], *, ad_ids: list[str] | Non
             row[f"vs_{b}"] = {}
             for metric in BAR_METRICS:
                 bs = paired_bootstrap(METRICS[metric], Y, P, preds[b], mask=M, n_boot=n_boot, seed=seed)
-                row[f"vs_{b}"][metric] = {"diff": bs["diff"], "lo": bs["diff_lo"], "hi": bs["diff_hi"],
-                                          "p_value": bs["p_value"]}
+                row[f"vs_{b}"][metric] = {
+                    "diff": bs["diff"],
+                    "lo": bs["diff_lo"],
+                    "hi": bs["diff_hi"],
+                    "p_value": bs["p_value"],
+                }
         rows[name] = row
     return {
-        "dataset": data.name, "n_test_users": int(len(users)), "n_ads": len(ad_ids),
-        "ads_subset": len(ad_ids) < len(data.cold_ads), "ad_ids": list(ad_ids), "reference": reference,
-        "n_boot": n_boot, "seed": seed, "k": prep.k, "encoder": prep.encoder_name,
-        "clicks": int(Y[M].sum()), "impressions": int(M.sum()), "methods": rows,
-        "best_prior": best, "bars": bars, "retired_validation_auc": val_auc, "prior": _prior_info(methods),
+        "dataset": data.name,
+        "n_test_users": int(len(users)),
+        "n_ads": len(ad_ids),
+        "ads_subset": len(ad_ids) < len(data.cold_ads),
+        "ad_ids": list(ad_ids),
+        "reference": reference,
+        "n_boot": n_boot,
+        "seed": seed,
+        "k": prep.k,
+        "encoder": prep.encoder_name,
+        "clicks": int(Y[M].sum()),
+        "impressions": int(M.sum()),
+        "methods": rows,
+        "best_prior": best,
+        "bars": bars,
+        "retired_validation_auc": val_auc,
+        "prior": _prior_info(methods),
     }
 
 
@@ -177,35 +217,66 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in result["methods"].items():
         d = row["auc"]
-        delta = diff_cell({"diff": d.get("diff_vs_ref"), "lo": d.get("diff_lo"), "hi": d.get("diff_hi"),
-                           "p_value": d.get("p_value")})
+        delta = diff_cell(
+            {
+                "diff": d.get("diff_vs_ref"),
+                "lo": d.get("diff_lo"),
+                "hi": d.get("diff_hi"),
+                "p_value": d.get("p_value"),
+            }
+        )
         cells = [name] + [_fmt(row[m]) for m in TABLE_METRICS] + [f"{row['latency_ms_per_user']:.4f}", delta]
         lines.append("| " + " | ".join(cells) + " |")
     keys = list(dict.fromkeys(k for r in result["methods"].values() for k in r if k.startswith("vs_")))
     val = result.get("retired_validation_auc") or {}
     for key in keys:
-        why = (" (the best prior by pooled AUC on held-out retired ads: "
-               + ", ".join(f"{n} {v:.3f}" for n, v in val.items()) + ")"
-               if key[3:] == result.get("best_prior") else "")
-        bar_rows = [[name] + [diff_cell(row[key][m]) for m in BAR_METRICS]
-                    for name, row in result["methods"].items() if key in row]
-        lines += ["", f"Paired against {key[3:]}{why} (difference, 95% interval, p):", "",
-                  md_table(["method"] + [HEADERS[m] for m in BAR_METRICS], bar_rows)]
+        why = (
+            " (the best prior by pooled AUC on held-out retired ads: "
+            + ", ".join(f"{n} {v:.3f}" for n, v in val.items())
+            + ")"
+            if key[3:] == result.get("best_prior")
+            else ""
+        )
+        bar_rows = [
+            [name] + [diff_cell(row[key][m]) for m in BAR_METRICS]
+            for name, row in result["methods"].items()
+            if key in row
+        ]
+        lines += [
+            "",
+            f"Paired against {key[3:]}{why} (difference, 95% interval, p):",
+            "",
+            md_table(["method"] + [HEADERS[m] for m in BAR_METRICS], bar_rows),
+        ]
     if result.get("prior"):
         p = result["prior"]
-        lines += ["", f"ridge prior: inputs {'+'.join(p.get('inputs', []))}, penalty {p.get('alpha')}, "
-                      f"{p.get('chosen_by', '')}."]
+        lines += [
+            "",
+            f"ridge prior: inputs {'+'.join(p.get('inputs', []))}, penalty {p.get('alpha')}, "
+            f"{p.get('chosen_by', '')}.",
+        ]
         if p.get("cv_auc_by_inputs"):
-            lines.append("CV AUC by inputs (at its best penalty): " + ", ".join(
-                f"{k} {v['cv_auc']:.3f}" for k, v in sorted(p["cv_auc_by_inputs"].items(),
-                                                           key=lambda kv: -kv[1]["cv_auc"])) + ".")
+            lines.append(
+                "CV AUC by inputs (at its best penalty): "
+                + ", ".join(
+                    f"{k} {v['cv_auc']:.3f}"
+                    for k, v in sorted(p["cv_auc_by_inputs"].items(), key=lambda kv: -kv[1]["cv_auc"])
+                )
+                + "."
+            )
     sub = " (subset of cold ads covered by every artifact)" if result["ads_subset"] else ""
     lines.append("")
-    lines.append(f"{result['dataset']}: {result['n_test_users']} test users x {result['n_ads']} cold ads{sub}, "
-                 f"{result['clicks']} clicks in {result['impressions']} impressions; "
-                 + (f"95% intervals from {result['n_boot']} paired bootstrap resamples of users"
-                    if result["n_boot"] else "no intervals (0 bootstrap resamples)") + f"; k={result['k']}, "
-                 f"encoder {result['encoder']}. AUC pooled over (user, ad) pairs; ad-AUC = mean per-ad AUC.")
+    lines.append(
+        f"{result['dataset']}: {result['n_test_users']} test users x {result['n_ads']} cold ads{sub}, "
+        f"{result['clicks']} clicks in {result['impressions']} impressions; "
+        + (
+            f"95% intervals from {result['n_boot']} paired bootstrap resamples of users"
+            if result["n_boot"]
+            else "no intervals (0 bootstrap resamples)"
+        )
+        + f"; k={result['k']}, "
+        f"encoder {result['encoder']}. AUC pooled over (user, ad) pairs; ad-AUC = mean per-ad AUC."
+    )
     return "\n".join(lines)
 
 
@@ -221,8 +292,10 @@ def load_artifacts(paths: list[str | Path], reserved: tuple[str, ...] = ()) -> d
         seen.add(where)
         t = WeightTable.load(p)
         if t.method in reserved:
-            raise LLMHyperError(f"the weight artifact {p} is called '{t.method}', the name of a baseline; "
-                                "change 'method' in its weights.json")
+            raise LLMHyperError(
+                f"the weight artifact {p} is called '{t.method}', the name of a baseline; "
+                "change 'method' in its weights.json"
+            )
         name, n = t.method, 1
         while name in out:  # two artifacts of one method: tell them apart by folder (and number)
             name = f"{t.method}:{Path(p).name}" + (f":{n}" if n > 1 else "")
@@ -237,8 +310,9 @@ def evaluable_ads(prep: Prepared) -> tuple[list[str], list[str]]:
     none at all is a one-line error saying what the data lacks."""
     data = prep.data
     if len(data.test_users) == 0:
-        raise LLMHyperError(f"{data.name}: no test users ({len(data.user_ids)} users in all); evaluation "
-                            "needs more users")
+        raise LLMHyperError(
+            f"{data.name}: no test users ({len(data.user_ids)} users in all); evaluation needs more users"
+        )
     shown = data.M[np.ix_(data.test_users, data.cols(data.cold_ads))].any(axis=0)
     unseen = [a for a, s in zip(data.cold_ads, shown, strict=True) if not s]
     warm = set(prep.lr_warm.ad_ids)
@@ -247,13 +321,19 @@ def evaluable_ads(prep: Prepared) -> tuple[list[str], list[str]]:
     ads = [a for a in data.cold_ads if a not in left_out]
     notes = []
     if unseen:
-        notes.append(f"{len(unseen)} of {len(data.cold_ads)} cold ads have no impressions among the test "
-                     "users and are left out of the evaluation")
+        notes.append(
+            f"{len(unseen)} of {len(data.cold_ads)} cold ads have no impressions among the test "
+            "users and are left out of the evaluation"
+        )
     if no_model:
-        notes.append(f"{len(no_model)} cold ads lack a click or a non-click among the train users (no "
-                     "LR_warm model) and are left out of the evaluation")
+        notes.append(
+            f"{len(no_model)} cold ads lack a click or a non-click among the train users (no "
+            "LR_warm model) and are left out of the evaluation"
+        )
     if not ads:
-        raise LLMHyperError(f"{data.name}: none of the {len(data.cold_ads)} cold ads can be evaluated: each "
-                            "needs impressions among the test users, with a click and a non-click among the "
-                            'train users (mark ads {"cold": true} in their metadata and keep their impressions)')
+        raise LLMHyperError(
+            f"{data.name}: none of the {len(data.cold_ads)} cold ads can be evaluated: each "
+            "needs impressions among the test users, with a click and a non-click among the "
+            'train users (mark ads {"cold": true} in their metadata and keep their impressions)'
+        )
     return ads, notes

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmhyper.data.contract import CTRData
 from llmhyper.ctr.normalize import calibration_users, neighbour_alpha
+from llmhyper.ctr.warm import train_warm
+from llmhyper.data.contract import CTRData
 from llmhyper.paths import cache_dir
 from llmhyper.retrieval.encoders import embed_ads, get_encoder
 from llmhyper.retrieval.index import AdIndex, Neighbour
-from llmhyper.ctr.warm import train_warm
 from llmhyper.weights import WeightTable
 
 DEFAULT_ENCODER = "minilm-effnet-conse"
@@ -54,21 +54,25 @@ def ad_texts(data: CTRData, ad_ids: list[str], hide_titles: bool = False) -> lis
     return out
 
 
-def embed(data: CTRData, ad_ids: list[str], encoder, *, images: bool = True, hide_titles: bool = False) -> np.ndarray:
+def embed(
+    data: CTRData, ad_ids: list[str], encoder, *, images: bool = True, hide_titles: bool = False
+) -> np.ndarray:
     paths = [data.ad_by_id[a].image if images else None for a in ad_ids]
     return embed_ads(encoder, ad_ids, ad_texts(data, ad_ids, hide_titles), paths, cache_dir() / "embeddings")
 
 
-def prepare(data: CTRData, *, encoder=None, k: int = 3, n_cal: int = 500, seed: int = 0,
-            progress: bool = True) -> Prepared:
+def prepare(
+    data: CTRData, *, encoder=None, k: int = 3, n_cal: int = 500, seed: int = 0, progress: bool = True
+) -> Prepared:
     encoder = encoder or get_encoder(DEFAULT_ENCODER)
     retired = train_warm(data, data.warm_ads, method="retired", progress=progress)
     lr_warm = train_warm(data, data.cold_ads, method="lr_warm", progress=progress, min_pos=1, min_neg=1)
     ids = retired.ad_ids + [a for a in data.cold_ads if a not in set(retired.ad_ids)]
     V = embed(data, ids, encoder)
     vectors = dict(zip(ids, V, strict=True))
-    index = AdIndex.from_vectors(retired.ad_ids, np.stack([vectors[a] for a in retired.ad_ids]),
-                          encoder_name=encoder.name)
+    index = AdIndex.from_vectors(
+        retired.ad_ids, np.stack([vectors[a] for a in retired.ad_ids]), encoder_name=encoder.name
+    )
     X_cal = data.X[data.train_users[calibration_users(len(data.train_users), n_cal, seed)]]
     prep = Prepared(data, retired, lr_warm, index, vectors, {}, X_cal, {}, encoder.name, k)
     prep.neighbours = prep.neighbours_of(data.cold_ads)

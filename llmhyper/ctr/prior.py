@@ -48,6 +48,7 @@ class PriorSettings:
 
 # -- turning ads into columns ----------------------------------------------------------------------
 
+
 def categorical_vocab(ads: list[Ad], min_count: int = MIN_VALUE_COUNT) -> dict[str, list[str]]:
     """field -> values seen on at least `min_count` ads, for metadata fields of strings or lists of them."""
     counts: dict[str, dict[str, int]] = {}
@@ -111,6 +112,7 @@ def ad_blocks(prep: Prepared, ad_ids: list[str], encoder=None) -> dict[str, np.n
 
 # -- the model ---------------------------------------------------------------------------------
 
+
 @dataclass
 class RidgePrior:
     """Multi-output ridge from an ad's blocks to (theta, intercept). `fit` learns with fixed inputs and
@@ -162,8 +164,14 @@ class RidgePrior:
             self.scales[name] = float(np.sqrt(spread)) if spread > 1e-12 else 1.0
         return self.design(ads, blocks)
 
-    def fit(self, ads: list[Ad], blocks: dict[str, np.ndarray], theta: np.ndarray, intercept: np.ndarray,
-            feature_names: list[str]) -> RidgePrior:
+    def fit(
+        self,
+        ads: list[Ad],
+        blocks: dict[str, np.ndarray],
+        theta: np.ndarray,
+        intercept: np.ndarray,
+        feature_names: list[str],
+    ) -> RidgePrior:
         from sklearn.linear_model import Ridge
 
         self.feature_names = list(feature_names)
@@ -179,12 +187,23 @@ class RidgePrior:
         out = self.design(ads, blocks) @ self.coef.T + self.bias
         return out[:, :-1], out[:, -1]
 
-    def table(self, ad_ids: list[str], ads: list[Ad], blocks: dict[str, np.ndarray],
-              method: str = "ridge") -> WeightTable:
+    def table(
+        self, ad_ids: list[str], ads: list[Ad], blocks: dict[str, np.ndarray], method: str = "ridge"
+    ) -> WeightTable:
         theta, b = self.predict(ads, blocks)
-        return WeightTable(method, ad_ids, self.feature_names, theta, b,
-                           meta={"rule": "ridge from the ad's content to retired ads' trained weights",
-                                 "inputs": self.inputs, "alpha": self.alpha, **self.meta})
+        return WeightTable(
+            method,
+            ad_ids,
+            self.feature_names,
+            theta,
+            b,
+            meta={
+                "rule": "ridge from the ad's content to retired ads' trained weights",
+                "inputs": self.inputs,
+                "alpha": self.alpha,
+                **self.meta,
+            },
+        )
 
     # -- persistence (no pickle) ----------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -194,10 +213,20 @@ class RidgePrior:
         if self.coef is None or self.bias is None:
             raise ValueError("the prior is not fitted")
         npz = save_npz_atomic(d / NPZ_NAME, coef=self.coef, bias=self.bias)
-        write_json_atomic(d / JSON_NAME, {
-            "kind": "ridge_prior", "inputs": self.inputs, "alpha": self.alpha,
-            "feature_names": self.feature_names, "vocab": self.vocab, "date_stats": list(self.date_stats),
-            "scales": self.scales, "meta": self.meta, "npz_sha256": file_sha256(npz)})
+        write_json_atomic(
+            d / JSON_NAME,
+            {
+                "kind": "ridge_prior",
+                "inputs": self.inputs,
+                "alpha": self.alpha,
+                "feature_names": self.feature_names,
+                "vocab": self.vocab,
+                "date_stats": list(self.date_stats),
+                "scales": self.scales,
+                "meta": self.meta,
+                "npz_sha256": file_sha256(npz),
+            },
+        )
         return d
 
     @classmethod
@@ -211,24 +240,35 @@ class RidgePrior:
         if not isinstance(info, dict) or info.get("kind") != "ridge_prior":
             raise DataError("not a ridge prior description", file=str(js))
         if info.get("npz_sha256") != file_sha256(npz):
-            raise DataError(f"does not match {JSON_NAME} (an interrupted save?); fit the prior again",
-                            file=str(npz))
+            raise DataError(
+                f"does not match {JSON_NAME} (an interrupted save?); fit the prior again", file=str(npz)
+            )
         try:
             with np.load(npz, allow_pickle=False) as z:
                 coef, bias = z["coef"], z["bias"]
-            prior = cls(list(info["inputs"]), float(info["alpha"]), list(info["feature_names"]),
-                        {k: list(v) for k, v in info["vocab"].items()}, tuple(info["date_stats"]),
-                        {k: float(v) for k, v in info["scales"].items()}, coef, bias, dict(info["meta"]))
+            prior = cls(
+                list(info["inputs"]),
+                float(info["alpha"]),
+                list(info["feature_names"]),
+                {k: list(v) for k, v in info["vocab"].items()},
+                tuple(info["date_stats"]),
+                {k: float(v) for k, v in info["scales"].items()},
+                coef,
+                bias,
+                dict(info["meta"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"damaged prior ({type(exc).__name__}: {exc})", file=str(d)) from None
         n_out = len(prior.feature_names) + 1
         if coef.ndim != 2 or coef.shape[0] != n_out or bias.shape != (n_out,) or not np.isfinite(coef).all():
-            raise DataError(f"prior arrays have shapes {coef.shape}/{bias.shape}, expected ({n_out}, .)",
-                            file=str(npz))
+            raise DataError(
+                f"prior arrays have shapes {coef.shape}/{bias.shape}, expected ({n_out}, .)", file=str(npz)
+            )
         return prior
 
 
 # -- choosing inputs and penalty on retired ads ------------------------------------------------------
+
 
 def candidate_inputs(ads: list[Ad], blocks: dict[str, np.ndarray]) -> list[tuple[str, ...]]:
     """Structured only, vectors only, and both; the text and image halves separately where present."""
@@ -250,8 +290,9 @@ def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
     return rng.permutation(np.arange(n) % k)
 
 
-def ridge_path(Z: np.ndarray, T: np.ndarray, alphas: tuple[float, ...]
-               ) -> list[tuple[np.ndarray, np.ndarray]]:
+def ridge_path(
+    Z: np.ndarray, T: np.ndarray, alphas: tuple[float, ...]
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(coef, bias) of ridge with an intercept (as scikit-learn's Ridge) for every penalty, from one SVD of
     the centred design: cross-validation over the penalty grid costs one decomposition per fold."""
     z_mean, t_mean = Z.mean(axis=0), T.mean(axis=0)
@@ -261,14 +302,20 @@ def ridge_path(Z: np.ndarray, T: np.ndarray, alphas: tuple[float, ...]
     UtT = U.T @ (T - t_mean)
     out = []
     for alpha in alphas:
-        coef = (Vt.T * (sv / (sv ** 2 + alpha))) @ UtT  # (n_columns, n_outputs)
+        coef = (Vt.T * (sv / (sv**2 + alpha))) @ UtT  # (n_columns, n_outputs)
         out.append((coef.T, t_mean - z_mean @ coef))
     return out
 
 
-def cv_predictions(inputs: tuple[str, ...], alphas: tuple[float, ...], ads: list[Ad],
-                   blocks: dict[str, np.ndarray], theta: np.ndarray, intercept: np.ndarray,
-                   folds: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+def cv_predictions(
+    inputs: tuple[str, ...],
+    alphas: tuple[float, ...],
+    ads: list[Ad],
+    blocks: dict[str, np.ndarray],
+    theta: np.ndarray,
+    intercept: np.ndarray,
+    folds: np.ndarray,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Out-of-fold (theta, intercept) of every row, for each penalty: each fold is predicted by a ridge fit
     on the others (the column encoding too is learned without the held-out fold)."""
     T = np.column_stack([theta, intercept])
@@ -287,15 +334,28 @@ def _rows(blocks: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarra
     return {k: v[idx] for k, v in blocks.items()}
 
 
-def select_penalty(ads: list[Ad], blocks: dict[str, np.ndarray], theta: np.ndarray, intercept: np.ndarray,
-                   inputs: tuple[str, ...], alphas: tuple[float, ...], folds: np.ndarray,
-                   score) -> list[dict[str, Any]]:
+def select_penalty(
+    ads: list[Ad],
+    blocks: dict[str, np.ndarray],
+    theta: np.ndarray,
+    intercept: np.ndarray,
+    inputs: tuple[str, ...],
+    alphas: tuple[float, ...],
+    folds: np.ndarray,
+    score,
+) -> list[dict[str, Any]]:
     """One row per penalty: its out-of-fold `score(theta_hat, b_hat)` (higher is better) and weight MSE."""
     rows = []
     truth = np.column_stack([theta, intercept])
     for alpha, (th, b) in zip(alphas, cv_predictions(inputs, alphas, ads, blocks, theta, intercept, folds)):
-        rows.append({"inputs": list(inputs), "alpha": float(alpha), "score": float(score(th, b)),
-                     "mse": float(np.mean((np.column_stack([th, b]) - truth) ** 2))})
+        rows.append(
+            {
+                "inputs": list(inputs),
+                "alpha": float(alpha),
+                "score": float(score(th, b)),
+                "mse": float(np.mean((np.column_stack([th, b]) - truth) ** 2)),
+            }
+        )
     return rows
 
 
@@ -308,8 +368,9 @@ def retired_auc_scorer(prep: Prepared):
     return lambda th, b: pooled_auc(Y, X @ th.T + b, mask=M)
 
 
-def select_prior(prep: Prepared, blocks: dict[str, np.ndarray], settings: PriorSettings = PriorSettings()
-                 ) -> tuple[RidgePrior, dict[str, Any]]:
+def select_prior(
+    prep: Prepared, blocks: dict[str, np.ndarray], settings: PriorSettings = PriorSettings()
+) -> tuple[RidgePrior, dict[str, Any]]:
     """Choose inputs and penalty by K-fold CV on the retired ads (`blocks`: one row per retired ad, in
     `prep.retired` order), refit on all of them. Returns the prior (every candidate's score in its meta)
     and the out-of-fold predictions of the chosen one."""
@@ -319,27 +380,42 @@ def select_prior(prep: Prepared, blocks: dict[str, np.ndarray], settings: PriorS
     if any(len(v) != len(ads) for v in rb.values()):
         raise ValueError("select_prior needs one block row per retired ad, in retired order")
     if len(ads) < MIN_CV_ADS:
-        raise DataError(f"the ridge prior needs at least {MIN_CV_ADS} retired ads with a trained model to "
-                        f"cross-validate, found {len(ads)}")
+        raise DataError(
+            f"the ridge prior needs at least {MIN_CV_ADS} retired ads with a trained model to "
+            f"cross-validate, found {len(ads)}"
+        )
     folds = fold_ids(len(ads), settings.folds, settings.seed)
     score = retired_auc_scorer(prep)
     cands = [tuple(settings.inputs)] if settings.inputs else candidate_inputs(ads, rb)
-    table = [r for inputs in cands for r in select_penalty(ads, rb, retired.theta, retired.intercept, inputs,
-                                                            settings.alphas, folds, score)]
+    table = [
+        r
+        for inputs in cands
+        for r in select_penalty(
+            ads, rb, retired.theta, retired.intercept, inputs, settings.alphas, folds, score
+        )
+    ]
     # ties (and undefined AUCs) go to the stronger penalty
     best = max(table, key=lambda r: (np.nan_to_num(r["score"], nan=-np.inf), r["alpha"]))
-    prior = RidgePrior(best["inputs"], best["alpha"]).fit(ads, rb, retired.theta, retired.intercept,
-                                                           retired.feature_names)
-    oof = cv_predictions(tuple(prior.inputs), (prior.alpha,), ads, rb, retired.theta, retired.intercept,
-                         folds)[0]
-    prior.meta = {"chosen_by": f"{len(np.unique(folds))}-fold CV on {len(ads)} retired ads: pooled AUC on "
-                               "train users' clicks of the held-out ads", "cv_auc": best["score"],
-                  "cv_mse": best["mse"], "n_fit_ads": len(ads), "encoder": prep.encoder_name,
-                  "candidates": table}
+    prior = RidgePrior(best["inputs"], best["alpha"]).fit(
+        ads, rb, retired.theta, retired.intercept, retired.feature_names
+    )
+    oof = cv_predictions(
+        tuple(prior.inputs), (prior.alpha,), ads, rb, retired.theta, retired.intercept, folds
+    )[0]
+    prior.meta = {
+        "chosen_by": f"{len(np.unique(folds))}-fold CV on {len(ads)} retired ads: pooled AUC on "
+        "train users' clicks of the held-out ads",
+        "cv_auc": best["score"],
+        "cv_mse": best["mse"],
+        "n_fit_ads": len(ads),
+        "encoder": prep.encoder_name,
+        "candidates": table,
+    }
     return prior, {"oof_theta": oof[0], "oof_intercept": oof[1], "folds": folds}
 
 
 # -- the rows `evaluate` shows ----------------------------------------------------------------------
+
 
 def retired_validation(prep: Prepared, oof_theta: np.ndarray, oof_intercept: np.ndarray) -> dict[str, float]:
     """Pooled AUC on train users x retired ads of knn_cal, ridge and ridge_cal, each ad held out (its
@@ -354,13 +430,16 @@ def retired_validation(prep: Prepared, oof_theta: np.ndarray, oof_intercept: np.
     theta_cal = np.array([l2_normalize(t) for t in oof_theta])
     b_cal = np.array([calibrate_intercept(t, prep.X_cal, alphas[a]) for t, a in zip(theta_cal, ids)])
     score = retired_auc_scorer(prep)
-    return {"knn_cal": float(score(knn_cal.theta, knn_cal.intercept)),
-            "ridge": float(score(oof_theta, oof_intercept)),
-            "ridge_cal": float(score(theta_cal, b_cal))}
+    return {
+        "knn_cal": float(score(knn_cal.theta, knn_cal.intercept)),
+        "ridge": float(score(oof_theta, oof_intercept)),
+        "ridge_cal": float(score(theta_cal, b_cal)),
+    }
 
 
-def ridge_methods(prep: Prepared, encoder=None, settings: PriorSettings = PriorSettings()
-                  ) -> dict[str, WeightTable]:
+def ridge_methods(
+    prep: Prepared, encoder=None, settings: PriorSettings = PriorSettings()
+) -> dict[str, WeightTable]:
     """`ridge` (its own intercept) and `ridge_cal` (L2-normalised, intercept shifted to the neighbours'
     alpha, like knn_cal) for the cold ads; the retired validation AUCs ride in both tables' meta."""
     cold = prep.data.cold_ads

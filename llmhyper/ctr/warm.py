@@ -29,8 +29,16 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, C: float = 0.1) -> tuple[np.ndarr
     return model.coef_[0].astype(np.float64), float(model.intercept_[0])
 
 
-def train_warm(data: CTRData, ad_ids: list[str], *, C: float = 0.1, min_pos: int = 20, min_neg: int = 20,
-               method: str = "lr_warm", progress: bool = True) -> WeightTable:
+def train_warm(
+    data: CTRData,
+    ad_ids: list[str],
+    *,
+    C: float = 0.1,
+    min_pos: int = 20,
+    min_neg: int = 20,
+    method: str = "lr_warm",
+    progress: bool = True,
+) -> WeightTable:
     """Fit one LR per ad on train users; ads with fewer than `min_pos` clicks or `min_neg` non-clicks
     among train users are skipped (recorded in `meta['skipped']`).
 
@@ -50,9 +58,11 @@ def train_warm(data: CTRData, ad_ids: list[str], *, C: float = 0.1, min_pos: int
         floor = min(floors[min(2, len(floors) - 1)] or floors[0], min_pos, min_neg)
         if floor >= 1 and (floor < min_pos or floor < min_neg):
             lowered = {"from": [min_pos, min_neg], "to": floor}
-            print(f"llmhyper: no {method} ad has {min_pos} clicks and {min_neg} non-clicks among the "
-                  f"{len(users)} train users; training with a floor of {floor} of each instead",
-                  file=sys.stderr)
+            print(
+                f"llmhyper: no {method} ad has {min_pos} clicks and {min_neg} non-clicks among the "
+                f"{len(users)} train users; training with a floor of {floor} of each instead",
+                file=sys.stderr,
+            )
             min_pos = min_neg = floor
     X = data.X[users]
     kept, thetas, intercepts, skipped = [], [], [], {}
@@ -68,11 +78,19 @@ def train_warm(data: CTRData, ad_ids: list[str], *, C: float = 0.1, min_pos: int
         thetas.append(theta)
         intercepts.append(b)
     if ad_ids and not kept and (min_pos > 1 or min_neg > 1):
-        raise DataError(f"too few clicks to train any {method} model: none of the {len(ad_ids)} ads has "
-                        f"both a click and a non-click among the {len(users)} train users")
+        raise DataError(
+            f"too few clicks to train any {method} model: none of the {len(ad_ids)} ads has "
+            f"both a click and a non-click among the {len(users)} train users"
+        )
     d = len(data.features)
     meta = {"C": C, "min_pos": min_pos, "min_neg": min_neg, "trained_on": "train users", "skipped": skipped}
     if lowered:
         meta["floor_lowered"] = lowered
-    return WeightTable(method, kept, data.feature_names, np.array(thetas).reshape(len(kept), d),
-                       np.array(intercepts), meta=meta)
+    return WeightTable(
+        method,
+        kept,
+        data.feature_names,
+        np.array(thetas).reshape(len(kept), d),
+        np.array(intercepts),
+        meta=meta,
+    )

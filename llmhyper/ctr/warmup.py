@@ -194,14 +194,14 @@ def _cells(
     """Per metric: the mean over repeats and a user-bootstrap interval of that mean (the same users
     resampled for every repeat, so the interval covers the users; repeats are averaged)."""
     out = {}
-    idx = metrics._resample_indices(Y.shape[0], n_boot, seed) if n_boot else None
+    idx = metrics.resample_indices(Y.shape[0], n_boot, seed) if n_boot else None
     for m in WARMUP_METRICS:
         fn = metrics.METRICS[m]
         value = float(np.nanmean([fn(Y, P[r], M) for r in range(P.shape[0])]))
         lo = hi = None
         if idx is not None:
-            boots = np.mean([metrics._boot_values(fn, Y, P[r], M, idx) for r in range(P.shape[0])], axis=0)
-            lo, hi = metrics._interval(boots)
+            boots = np.mean([metrics.boot_values(fn, Y, P[r], M, idx) for r in range(P.shape[0])], axis=0)
+            lo, hi = metrics.interval(boots)
         out[m] = {"value": value, "lo": lo, "hi": hi}
     return out
 

@@ -40,15 +40,23 @@ def load_dataset(settings: DataSettings) -> CTRData:
     if settings.folder is not None:
         folder = Path(settings.folder)
         if not folder.is_dir():
-            raise LLMHyperError(f"data folder not found: {folder}" if not folder.exists()
-                                else f"--data must be a folder of tables, {folder} is a file")
+            raise LLMHyperError(
+                f"data folder not found: {folder}"
+                if not folder.exists()
+                else f"--data must be a folder of tables, {folder} is a file"
+            )
         return load_folder(folder, seed=settings.seed)
     if settings.dataset == "movielens-100k":
         return movielens.build(posters=settings.posters or "auto", seed=settings.seed)
     if settings.dataset in ("synthetic", "synthetic-unseen"):
         s = settings.synthetic
-        return generate_synthetic(n_users=s.n_users, n_warm=s.n_warm, n_cold=s.n_cold, seed=settings.seed,
-                                  unseen_topics=settings.dataset == "synthetic-unseen").data
+        return generate_synthetic(
+            n_users=s.n_users,
+            n_warm=s.n_warm,
+            n_cold=s.n_cold,
+            seed=settings.seed,
+            unseen_topics=settings.dataset == "synthetic-unseen",
+        ).data
     raise LLMHyperError(f"unknown dataset '{settings.dataset}' (use {' or '.join(DATASETS)}, or --data DIR)")
 
 

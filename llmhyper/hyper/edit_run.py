@@ -20,9 +20,16 @@ import numpy as np
 
 from llmhyper.ctr.metrics import pooled_auc
 from llmhyper.ctr.prepare import Prepared
+from llmhyper.data.scaling import stamp_scaling
 from llmhyper.errors import LLMHyperError
 from llmhyper.hyper.edit import EditProgram, fit_gamma
-from llmhyper.hyper.edit_inputs import EditContext, edit_examples, edit_weights, finish_edit
+from llmhyper.hyper.edit_inputs import (
+    EditContext,
+    edit_examples,
+    edit_weights,
+    finish_edit,
+    held_out_neighbours,
+)
 from llmhyper.hyper.views import ad_view
 from llmhyper.runs import RunDir
 from llmhyper.store import now
@@ -38,9 +45,17 @@ class GateSettings:
     max_gamma: float = 2.0
 
 
-def edit_ads(prep: Prepared, ctx: EditContext, program: EditProgram, ad_ids: list[str], run: RunDir,
-             settings: dict[str, Any], captions: dict[str, str], neighbours: dict[str, list] | None = None,
-             progress: bool = True) -> dict[str, dict[str, Any]]:
+def edit_ads(
+    prep: Prepared,
+    ctx: EditContext,
+    program: EditProgram,
+    ad_ids: list[str],
+    run: RunDir,
+    settings: dict[str, Any],
+    captions: dict[str, str],
+    neighbours: dict[str, list] | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
     """Run the program on every ad without a finished record; returns all finished records by ad id."""
     features = [f.model_dump() for f in prep.data.features]
     done = run.finished()
@@ -48,34 +63,58 @@ def edit_ads(prep: Prepared, ctx: EditContext, program: EditProgram, ad_ids: lis
     for i, ad_id in enumerate(todo, 1):
         t0 = time.time()
         nbs = (neighbours or prep.neighbours)[ad_id]
-        record: dict[str, Any] = {"ad_id": ad_id, "title": prep.data.ad_by_id[ad_id].title,
-                                  "neighbours": [{"id": n.ad_id, "similarity": round(float(n.similarity), 4)}
-                                                 for n in nbs]}
+        record: dict[str, Any] = {
+            "ad_id": ad_id,
+            "title": prep.data.ad_by_id[ad_id].title,
+            "neighbours": [{"id": n.ad_id, "similarity": round(float(n.similarity), 4)} for n in nbs],
+        }
         try:
-            pred = program(ad=ad_view(prep, ad_id, captions),
-                           examples=edit_examples(prep, ctx, ad_id, captions, nbs), features=features,
-                           prior=ctx.prior_weights(ad_id))
+            pred = program(
+                ad=ad_view(prep, ad_id, captions),
+                examples=edit_examples(prep, ctx, ad_id, captions, nbs),
+                features=features,
+                prior=ctx.prior_weights(ad_id),
+            )
         except LLMHyperError:
             raise
         except Exception as exc:  # one ad's trouble must not stop the run; it is retried on resume
             record.update({"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"})
         else:
-            record.update({"status": "ok" if not pred.failed_features else "partial", "edits": pred.edits,
-                           "distributions": pred.distributions, "failed_features": pred.failed_features,
-                           "attempts": pred.attempts, "calls": pred.calls, "parse_failures": pred.parse_failures,
-                           "tokens": pred.tokens})
+            record.update(
+                {
+                    "status": "ok" if not pred.failed_features else "partial",
+                    "edits": pred.edits,
+                    "distributions": pred.distributions,
+                    "failed_features": pred.failed_features,
+                    "attempts": pred.attempts,
+                    "calls": pred.calls,
+                    "parse_failures": pred.parse_failures,
+                    "tokens": pred.tokens,
+                }
+            )
         record["seconds"] = round(time.time() - t0, 2)
         run.write_record(ad_id, record, settings)
         if progress:
             cached = all(a.get("cached") for a in record.get("attempts", [])) and record.get("attempts")
-            print(f"llmhyper: edit {i}/{len(todo)} {ad_id} {record['status']} {record['seconds']} s"
-                  f" ({record.get('tokens', {}).get('prompt_tokens', 0)} prompt tokens"
-                  f"{', cached' if cached else ''})", file=sys.stderr, flush=True)
+            print(
+                f"llmhyper: edit {i}/{len(todo)} {ad_id} {record['status']} {record['seconds']} s"
+                f" ({record.get('tokens', {}).get('prompt_tokens', 0)} prompt tokens"
+                f"{', cached' if cached else ''})",
+                file=sys.stderr,
+                flush=True,
+            )
     return run.finished()
 
 
-def edit_table(prep: Prepared, ctx: EditContext, records: dict[str, dict[str, Any]], ad_ids: list[str],
-               gamma: float, calibrate: bool, method: str = METHOD) -> WeightTable:
+def edit_table(
+    prep: Prepared,
+    ctx: EditContext,
+    records: dict[str, dict[str, Any]],
+    ad_ids: list[str],
+    gamma: float,
+    calibrate: bool,
+    method: str = METHOD,
+) -> WeightTable:
     """The servable artifact for the ads with a record: prior + gamma * edit * unit, with the prior's own
     intercept (`calibrate=False`) or through the normaliser (L2 norm + shift to the neighbours' alpha)."""
     ids = [a for a in ad_ids if a in records]
@@ -90,19 +129,34 @@ def edit_table(prep: Prepared, ctx: EditContext, records: dict[str, dict[str, An
             thetas.append(theta)
             bs.append(b)
     d = len(ctx.feature_names)
-    return WeightTable(method, ids, ctx.feature_names, np.array(thetas).reshape(len(ids), d), np.array(bs),
-                       meta={"gamma": gamma, "calibrated": calibrate, "prior": ctx.prior.meta.get("chosen_by"),
-                             "prior_inputs": ctx.prior.inputs, "prior_alpha": ctx.prior.alpha})
+    table = WeightTable(
+        method,
+        ids,
+        ctx.feature_names,
+        np.array(thetas).reshape(len(ids), d),
+        np.array(bs),
+        meta={
+            "gamma": gamma,
+            "calibrated": calibrate,
+            "prior": ctx.prior.meta.get("chosen_by"),
+            "prior_inputs": ctx.prior.inputs,
+            "prior_alpha": ctx.prior.alpha,
+        },
+    )
+    return stamp_scaling(table, prep.data.scaling)  # so `serve` can take raw features
 
 
 def validation_ads(prep: Prepared, settings: GateSettings) -> list[str]:
-    rng = np.random.default_rng(settings.seed)
+    """The first `n_ads` of a seeded order of the retired ads: a larger budget extends a smaller one, so a
+    compile rerun with more ads reuses every label it already has."""
     pool = list(prep.retired.ad_ids)
-    return [pool[i] for i in sorted(rng.choice(len(pool), size=min(settings.n_ads, len(pool)), replace=False))]
+    order = np.random.default_rng(settings.seed).permutation(len(pool))
+    return [pool[i] for i in order[: min(settings.n_ads, len(pool))]]
 
 
-def gate_scores(prep: Prepared, ctx: EditContext, records: dict[str, dict[str, Any]], ids: list[str],
-                gamma: float) -> float:
+def gate_scores(
+    prep: Prepared, ctx: EditContext, records: dict[str, dict[str, Any]], ids: list[str], gamma: float
+) -> float:
     """Pooled AUC over train users x `ids` (retired ads held out) of the prior edited with `gamma`."""
     data = prep.data
     users = data.train_users
@@ -112,11 +166,19 @@ def gate_scores(prep: Prepared, ctx: EditContext, records: dict[str, dict[str, A
     return float(pooled_auc(Y, data.X[users] @ th.T + b, mask=M))
 
 
-def compile_gate(prep: Prepared, ctx: EditContext, program: EditProgram, run: RunDir, captions: dict[str, str],
-                 settings: GateSettings, run_settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+def compile_gate(
+    prep: Prepared,
+    ctx: EditContext,
+    program: EditProgram,
+    run: RunDir,
+    captions: dict[str, str],
+    settings: GateSettings,
+    run_settings: dict[str, Any],
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run the program on held-out retired ads, fit gamma on half of them, score the other half."""
     ids = validation_ads(prep, settings)
-    nbs = prep.neighbours_of(ids)  # from the other retired ads: an ad never retrieves itself
+    nbs = held_out_neighbours(prep, ctx, ids)  # never itself, nor (when grouped) its own group
     records = edit_ads(prep, ctx, program, ids, run, run_settings, captions, nbs, progress)
     ok = [a for a in ids if a in records]
     if len(ok) < 4:
@@ -130,8 +192,16 @@ def compile_gate(prep: Prepared, ctx: EditContext, program: EditProgram, run: Ru
     before = gate_scores(prep, ctx, records, check, 0.0)
     after = gate_scores(prep, ctx, records, check, gamma)
     calls = sum(int(r.get("calls", 0)) for r in records.values())
-    return {"gamma": gamma, "validation_auc_prior": before, "validation_auc_edited": after,
-            "fit_ads": fit, "check_ads": check, "metric_calls": len(ok), "lm_calls": calls,
-            "parse_failures": sum(int(r.get("parse_failures", 0)) for r in records.values()),
-            "seconds": round(sum(float(r.get("seconds", 0)) for r in records.values()), 1),
-            "settings": asdict(settings), "finished": now()}
+    return {
+        "gamma": gamma,
+        "validation_auc_prior": before,
+        "validation_auc_edited": after,
+        "fit_ads": fit,
+        "check_ads": check,
+        "metric_calls": len(ok),
+        "lm_calls": calls,
+        "parse_failures": sum(int(r.get("parse_failures", 0)) for r in records.values()),
+        "seconds": round(sum(float(r.get("seconds", 0)) for r in records.values()), 1),
+        "settings": asdict(settings),
+        "finished": now(),
+    }

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from llmhyper.ctr.prepare import Prepared, embed, prepare
 from llmhyper.data import CTRData, load_dataset
+from llmhyper.data.scaling import stamp_scaling
 from llmhyper.errors import DataError, LLMHyperError
 from llmhyper.hyper.program import DEFAULT_PROGRAM, LLMHyper, load_program
 from llmhyper.hyper.ray_generate import RayAds, RayWork, import_ray
@@ -41,6 +42,7 @@ from llmhyper.hyper.settings import GenerateSettings, data_fingerprint, judge_se
 from llmhyper.hyper.views import captions_for
 from llmhyper.hyper.workers import AdJob, AdRetry, Asked, Lane, ad_job, ask, finish, run_local
 from llmhyper.llm.build import LMHandle, build_lm
+from llmhyper.llm.progress import LMProgress
 from llmhyper.llm.settings import LMSettings
 from llmhyper.retrieval.encoders import get_encoder
 from llmhyper.runs import DONE, RunDir
@@ -147,7 +149,7 @@ def rebuild(
     table, totals = _collect(run, run.records() if records is None else records, feature_names)
     if run.weights_dir.is_dir():
         remove_stale_temps(run.weights_dir)  # left by a kill during an earlier save
-    table.save(run.weights_dir)
+    stamp_scaling(table, info.get("feature_scaling")).save(run.weights_dir)  # raw features can be served
     run.write_manifest({"method": METHOD, **run.manifest(), **info, "updated": now(), "totals": totals})
     return totals
 
@@ -178,16 +180,39 @@ def generate(
     (default: the two handles given), each ad through its own copies of them (see `workers.ask`)."""
     if not isinstance(out, RunDir):
         with RunDir(out) as run:
-            return generate(prep, encoder, program, lm_handle, judge_handle, ad_ids, run, config, progress,
-                            force, workers=workers, lanes=lanes, retry=retry)
+            return generate(
+                prep,
+                encoder,
+                program,
+                lm_handle,
+                judge_handle,
+                ad_ids,
+                run,
+                config,
+                progress,
+                force,
+                workers=workers,
+                lanes=lanes,
+                retry=retry,
+            )
     lanes = lanes or [Lane(lm_handle, judge_handle)]
     retry = retry or AdRetry()
 
     def answers(jobs: list[AdJob]) -> Iterator[tuple[AdJob, Asked, bool]]:
         return run_local(jobs, lambda job, i: ask(program, lanes[i % len(lanes)], job, retry), workers)
 
-    return run_ads(prep, encoder, ad_ids, out, config, answers, lm_handle.description,
-                   judge_handle.description, progress=progress, force=force)
+    return run_ads(
+        prep,
+        encoder,
+        ad_ids,
+        out,
+        config,
+        answers,
+        lm_handle.description,
+        judge_handle.description,
+        progress=progress,
+        force=force,
+    )
 
 
 def run_ads(
@@ -266,6 +291,7 @@ def _info(
         "git": git_commit(),
         "versions": versions(),
         "requested_ads": len(ad_ids),
+        "feature_scaling": data.scaling,  # stamped into the artifact by `rebuild`
         **run.session_times(resuming),
     }
 
@@ -351,20 +377,49 @@ def _generate_missing(
             retry=retry,
         )
         with RayAds(work, settings.workers, settings.ray_address) as pool:
-            return run_ads(prep, encoder, ad_ids, run, config, pool.answers, pool.lm_description,
-                           pool.judge_description, progress=progress, force=settings.force)
+            return run_ads(
+                prep,
+                encoder,
+                ad_ids,
+                run,
+                config,
+                pool.answers,
+                pool.lm_description,
+                pool.judge_description,
+                progress=progress,
+                force=settings.force,
+            )
     handles: list[LMHandle] = []
     try:
         lms = _build(lm_builder, settings.lm, settings.workers, handles)
         judges = lms
         if settings.judge_lm is not None and settings.judge_lm != settings.lm:
             judges = _build(lm_builder, settings.judge_lm, settings.workers, handles)
+        if progress:  # one line per LLM call (seconds, tokens): a long run never sits silent
+            meter = LMProgress()
+            for h in handles:
+                h.lm.callbacks.append(meter)
         program = load_program(
-            settings.program_path(), settings.program_config(), judge_lm=judges[0].lm if judges is not lms else None
+            settings.program_path(),
+            settings.program_config(),
+            judge_lm=judges[0].lm if judges is not lms else None,
         )
         lanes = [Lane(lms[i % len(lms)], judges[i % len(judges)]) for i in range(max(len(lms), len(judges)))]
-        return generate(prep, encoder, program, lms[0], judges[0], ad_ids, run, config, progress=progress,
-                        force=settings.force, workers=settings.workers, lanes=lanes, retry=retry)
+        return generate(
+            prep,
+            encoder,
+            program,
+            lms[0],
+            judges[0],
+            ad_ids,
+            run,
+            config,
+            progress=progress,
+            force=settings.force,
+            workers=settings.workers,
+            lanes=lanes,
+            retry=retry,
+        )
     finally:
         for h in reversed(handles):
             h.close()
@@ -381,8 +436,11 @@ def _build(
         handles.append(builder(lm))
         return handles[-1:]
     each = replace(lm, n_threads=max(1, lm.n_threads // workers))
-    print(f"llmhyper: {workers} workers: starting {workers} embedded LLM servers with {each.n_threads} "
-          "thread(s) each", file=sys.stderr)
+    print(
+        f"llmhyper: {workers} workers: starting {workers} embedded LLM servers with {each.n_threads} "
+        "thread(s) each",
+        file=sys.stderr,
+    )
     for _ in range(workers):
         handles.append(builder(each))
     return handles[-workers:]

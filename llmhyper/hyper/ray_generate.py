@@ -101,8 +101,11 @@ class RayAds:
     def __enter__(self) -> RayAds:
         ray = self.ray = import_ray()
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True,
-                                      "log_to_driver": False}
+            kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "ignore_reinit_error": True,
+                "log_to_driver": False,
+            }
             if self.address is not None:
                 kwargs["address"] = self.address
             elif self.num_cpus is not None:
@@ -159,7 +162,9 @@ class RayAds:
                 try:
                     asked = ray.get(ref)
                 except ray.exceptions.RayError as exc:  # an actor died (out of memory, node lost)
-                    raise LLMHyperError(f"a Ray actor failed on ad {job.ad_id!r}: {_first_line(exc)}") from None
+                    raise LLMHyperError(
+                        f"a Ray actor failed on ad {job.ad_id!r}: {_first_line(exc)}"
+                    ) from None
                 if asked.fatal is not None:
                     raise LLMHyperError(asked.fatal)
                 yield job, asked, n < len(ready)

@@ -15,6 +15,7 @@ from llmhyper.data import CTRData, DataSettings
 from llmhyper.errors import LLMHyperError
 from llmhyper.hyper.program import DEFAULT_PROGRAM, ProgramConfig
 from llmhyper.llm.settings import EMBEDDED, LMSettings
+from llmhyper.paths import repo_relative
 from llmhyper.store import file_sha256
 
 
@@ -53,7 +54,12 @@ class GenerateSettings:
         if isinstance(self.ad_retries, bool) or not isinstance(self.ad_retries, int) or self.ad_retries < 0:
             raise LLMHyperError(f"ad_retries must be a whole number >= 0, got {self.ad_retries!r}")
         wait = self.retry_wait
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) or wait < 0:
+        if (
+            isinstance(wait, bool)
+            or not isinstance(wait, (int, float))
+            or not math.isfinite(wait)
+            or wait < 0
+        ):
             raise LLMHyperError(f"retry_wait must be a finite number of seconds >= 0, got {wait!r}")
         if self.ray_address is not None and not self.ray:
             raise LLMHyperError("--ray-address is only for --ray")
@@ -114,7 +120,7 @@ def run_settings(settings: GenerateSettings, data: CTRData | None = None) -> dic
         "lm": lm.spec,
         "judge_lm": judge.spec,
         "api_base": lm.api_base,
-        "program": str(program) if program else None,
+        "program": repo_relative(program) if program else None,
         "program_sha256": file_sha256(program) if program and program.is_file() else None,
         "batch_size": settings.batch_size,
         "samples": settings.samples,

@@ -40,8 +40,17 @@ from llmhyper.llm.build import LMHandle
 from llmhyper.llm.calls import lm_calls, lm_usage
 
 # what a record keeps of the program's answer (besides the weights, which `finish_ad` turns into its own)
-ANSWER_FIELDS = ("spread", "n_samples_ok", "failed_features", "reasoning", "judge", "flags", "calls",
-                 "parse_failures", "batches")
+ANSWER_FIELDS = (
+    "spread",
+    "n_samples_ok",
+    "failed_features",
+    "reasoning",
+    "judge",
+    "flags",
+    "calls",
+    "parse_failures",
+    "batches",
+)
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,12 @@ class AdRetry:
 
     def delay(self, exc: BaseException, attempt: int) -> float:
         hint = getattr(exc, "retry_after", None)  # DSPy's LM errors carry the server's Retry-After
-        if isinstance(hint, (int, float)) and not isinstance(hint, bool) and math.isfinite(hint) and hint >= 0:
+        if (
+            isinstance(hint, (int, float))
+            and not isinstance(hint, bool)
+            and math.isfinite(hint)
+            and hint >= 0
+        ):
             return float(min(hint, self.cap))
         return float(min(self.wait * 2**attempt, self.cap))
 
@@ -117,8 +131,14 @@ def ask(program: Any, lane: Lane, job: AdJob, retry: AdRetry) -> Asked:
         except Exception as exc:  # noqa: BLE001 - one ad's trouble (server error, bug in a reply) must not stop the run
             if attempt < retry.times and is_retryable_lm_error(exc):
                 wait = retry.delay(exc, attempt)
-                retries.append({"error": type(exc).__name__, "status": getattr(exc, "status", None),
-                                "message": _short(exc), "wait_s": round(wait, 2)})
+                retries.append(
+                    {
+                        "error": type(exc).__name__,
+                        "status": getattr(exc, "status", None),
+                        "message": _short(exc),
+                        "wait_s": round(wait, 2),
+                    }
+                )
                 time.sleep(wait)
                 continue
             reason = f"{type(exc).__name__}: {exc}"
@@ -143,7 +163,11 @@ def finish(prep: Prepared, ad_id: str, asked: Asked, names: list[str]) -> dict[s
         "ad_id": ad_id,
         "title": data.ad_by_id[ad_id].title,
         "neighbours": [
-            {"id": n.ad_id, "title": data.ad_by_id[n.ad_id].title, "similarity": round(float(n.similarity), 4)}
+            {
+                "id": n.ad_id,
+                "title": data.ad_by_id[n.ad_id].title,
+                "similarity": round(float(n.similarity), 4),
+            }
             for n in prep.neighbours[ad_id]
         ],
     }
@@ -157,8 +181,9 @@ def finish(prep: Prepared, ad_id: str, asked: Asked, names: list[str]) -> dict[s
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. a reply no code path expected: this ad fails, the run goes on
             record.update({"status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
-    record.update({"seconds": asked.seconds, "tokens": asked.tokens, "lm": asked.model,
-                   "retries": asked.retries})
+    record.update(
+        {"seconds": asked.seconds, "tokens": asked.tokens, "lm": asked.model, "retries": asked.retries}
+    )
     return record
 
 

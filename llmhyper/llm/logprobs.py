@@ -61,8 +61,10 @@ def read_labels(reply: dict[str, Any], names: list[str]) -> dict[str, list[float
     try:
         tokens = reply["choices"][0]["logprobs"]["content"] or []
     except (KeyError, IndexError, TypeError):
-        raise LLMHyperError("the LM reply has no token log-probabilities (does the server support "
-                            "'logprobs'? use the text mode otherwise)") from None
+        raise LLMHyperError(
+            "the LM reply has no token log-probabilities (does the server support "
+            "'logprobs'? use the text mode otherwise)"
+        ) from None
     wanted, out, line = set(names), {}, ""
     for tok in tokens:
         text = str(tok.get("token", ""))
@@ -131,11 +133,18 @@ def client_for_handle(handle: Any, cache: Path | None) -> ChatClient:
     model's SHA-256, so the cache survives restarts on new ports) or the remote `api_base`."""
     desc, settings = handle.description, handle.settings
     if handle.server is not None:
-        return ChatClient(handle.server.base_url, handle.server.api_key, desc.get("model", "local"),
-                          f"sha256:{desc.get('sha256')}", cache)
+        return ChatClient(
+            handle.server.base_url,
+            handle.server.api_key,
+            desc.get("model", "local"),
+            f"sha256:{desc.get('sha256')}",
+            cache,
+        )
     base = getattr(settings, "api_base", None)
     if not base:
-        raise LLMHyperError("the logprobs mode needs an OpenAI-compatible server: the embedded model, or --lm "
-                            "with --api-base (or use --mode text)")
+        raise LLMHyperError(
+            "the logprobs mode needs an OpenAI-compatible server: the embedded model, or --lm "
+            "with --api-base (or use --mode text)"
+        )
     spec = settings.spec
     return ChatClient(base, settings.api_key(), spec.split("/", 1)[-1], f"{base}|{spec}", cache)

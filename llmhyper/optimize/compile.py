@@ -90,8 +90,14 @@ class _Setup:
     program: LLMHyper
 
     def plan(self, out: Path) -> Plan:
-        return Plan(self.name, self.split.train, self.split.val, self.split.eligible,
-                    estimate(self.recipe, len(self.data.feature_names)), str(out))
+        return Plan(
+            self.name,
+            self.split.train,
+            self.split.val,
+            self.split.eligible,
+            estimate(self.recipe, len(self.data.feature_names)),
+            str(out),
+        )
 
 
 class OnlySelected:
@@ -112,8 +118,15 @@ class OnlySelected:
 
 def build_program(recipe: Recipe, recipe_path: Path) -> LLMHyper:
     p = recipe.program
-    program = LLMHyper(ProgramConfig(batch_size=p.batch_size, n_samples=p.samples, use_judge=p.judge,
-                                     hide_titles=p.hide_titles, max_attempts=p.max_attempts))
+    program = LLMHyper(
+        ProgramConfig(
+            batch_size=p.batch_size,
+            n_samples=p.samples,
+            use_judge=p.judge,
+            hide_titles=p.hide_titles,
+            max_attempts=p.max_attempts,
+        )
+    )
     if p.base:
         base = resolve_path(p.base, recipe_path)
         if not base.is_file():
@@ -122,8 +135,12 @@ def build_program(recipe: Recipe, recipe_path: Path) -> LLMHyper:
     return program
 
 
-def estimate(recipe: Recipe, n_features: int, seconds_per_call: tuple[float, float] = (24.0, 36.0),
-             seconds_per_reflection: tuple[float, float] = (120.0, 300.0)) -> dict[str, Any]:
+def estimate(
+    recipe: Recipe,
+    n_features: int,
+    seconds_per_call: tuple[float, float] = (24.0, 36.0),
+    seconds_per_reflection: tuple[float, float] = (120.0, 300.0),
+) -> dict[str, Any]:
     """A rough cost model for the embedded LM on 2 CPU cores (about 2-3 min per ad of 40 features in 4 batches
     + a judge call). One metric call is one program run on one ad; GEPA may overshoot the budget by up to one
     iteration (2 minibatches + one val evaluation)."""
@@ -133,11 +150,16 @@ def estimate(recipe: Recipe, n_features: int, seconds_per_call: tuple[float, flo
     iters = max(1, math.ceil((g.max_metric_calls - recipe.n_val) / (per_iter + 0.5 * recipe.n_val)))
     calls = math.ceil(n_features / p.batch_size) * p.samples + int(p.judge)
     lo = g.max_metric_calls * calls * seconds_per_call[0] + iters * seconds_per_reflection[0]
-    hi = ((g.max_metric_calls + overshoot) * calls * seconds_per_call[1]
-          + (iters + 1) * seconds_per_reflection[1])
-    return {"metric_calls": g.max_metric_calls, "max_overshoot": overshoot, "iterations_about": iters,
-            "task_lm_calls_per_metric_call": calls,
-            "hours_on_2_cpu_cores_embedded": [round(lo / 3600, 1), round(hi / 3600, 1)]}
+    hi = (g.max_metric_calls + overshoot) * calls * seconds_per_call[1] + (
+        iters + 1
+    ) * seconds_per_reflection[1]
+    return {
+        "metric_calls": g.max_metric_calls,
+        "max_overshoot": overshoot,
+        "iterations_about": iters,
+        "task_lm_calls_per_metric_call": calls,
+        "hours_on_2_cpu_cores_embedded": [round(lo / 3600, 1), round(hi / 3600, 1)],
+    }
 
 
 def resolved_settings(recipe: Recipe, split: Split, data: CTRData) -> dict[str, Any]:
@@ -149,8 +171,13 @@ def resolved_settings(recipe: Recipe, split: Split, data: CTRData) -> dict[str, 
     for sec in ("task_lm", "reflection_lm"):
         r[sec].pop("timeout", None)
         r[sec].pop("threads", None)
-    return {"recipe": r, "data": data.name, "train_ads": split.train, "val_ads": split.val,
-            "features": data.feature_names}
+    return {
+        "recipe": r,
+        "data": data.name,
+        "train_ads": split.train,
+        "val_ads": split.val,
+        "features": data.feature_names,
+    }
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -170,9 +197,11 @@ def _guard_settings(run: RunDir, settings: dict[str, Any], force: bool) -> bool:
     if old is not None and not force:
         diff = list(settings_diff(_flat(old), _flat(settings)))
         if diff:
-            raise SettingsMismatch(f"{run.path} holds a compile with other settings ({', '.join(diff[:6])}); "
-                                   "use another --out, delete that folder, or pass --force to continue it "
-                                   "anyway")
+            raise SettingsMismatch(
+                f"{run.path} holds a compile with other settings ({', '.join(diff[:6])}); "
+                "use another --out, delete that folder, or pass --force to continue it "
+                "anyway"
+            )
     run.save_settings(settings)
     return old is not None
 
@@ -192,16 +221,30 @@ def _setup(recipe_path: str | Path, encoder, max_metric_calls: int | None, progr
     return _Setup(recipe, recipe_path, recipe.name or recipe_path.stem, data, encoder, prep, split, program)
 
 
-def plan_compile(recipe_path: str | Path, out_dir: str | Path = "programs", *, encoder=None,
-                 max_metric_calls: int | None = None, progress: bool = True) -> Plan:
+def plan_compile(
+    recipe_path: str | Path,
+    out_dir: str | Path = "programs",
+    *,
+    encoder=None,
+    max_metric_calls: int | None = None,
+    progress: bool = True,
+) -> Plan:
     """Check the recipe, data and split and say what a compile would do; no LLM call, nothing written."""
     return _setup(recipe_path, encoder, max_metric_calls, progress).plan(Path(out_dir))
 
 
-def compile_recipe(recipe_path: str | Path, out_dir: str | Path = "programs", *, encoder=None,
-                   task_lm: LMHandle | None = None, reflection_lm: LMHandle | None = None,
-                   max_metric_calls: int | None = None, threads: int | None = None, force: bool = False,
-                   progress: bool = True) -> CompileResult:
+def compile_recipe(
+    recipe_path: str | Path,
+    out_dir: str | Path = "programs",
+    *,
+    encoder=None,
+    task_lm: LMHandle | None = None,
+    reflection_lm: LMHandle | None = None,
+    max_metric_calls: int | None = None,
+    threads: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> CompileResult:
     """Run (or resume) a compile. `task_lm` / `reflection_lm` (objects with `.lm` and `.description`, like
     `LMHandle`) replace the recipe's LMs, e.g. in tests; `threads` overrides the embedded server's."""
     t_start = time.time()
@@ -224,56 +267,92 @@ def compile_recipe(recipe_path: str | Path, out_dir: str | Path = "programs", *,
         elif reflection_lm is None:
             reflection_lm = task_lm
         try:
-            compiled, recorder, usage = _run_gepa(s, evo, run_no, resumed, task_lm, reflection_lm, trainset,
-                                                  valset, t_start)
+            compiled, recorder, usage = _run_gepa(
+                s, evo, run_no, resumed, task_lm, reflection_lm, trainset, valset, t_start
+            )
         finally:
             if own:
                 task_lm.close()
                 if reflection_lm is not task_lm:
                     reflection_lm.close()
-        return _finish(s, out, evo, compiled, recorder, usage, run_no, resumed, task_lm, reflection_lm,
-                       t_start)
+        return _finish(
+            s, out, evo, compiled, recorder, usage, run_no, resumed, task_lm, reflection_lm, t_start
+        )
 
 
-def _run_gepa(s: _Setup, evo: Path, run_no: int, resumed: bool, task_lm, reflection_lm, trainset, valset,
-              t_start: float):
+def _run_gepa(
+    s: _Setup, evo: Path, run_no: int, resumed: bool, task_lm, reflection_lm, trainset, valset, t_start: float
+):
     """GEPA over the train and val examples, logged by an EvolutionRecorder; (compiled, recorder, usage)."""
     recipe, split, g = s.recipe, s.split, s.recipe.gepa
     log_dir = evo / "gepa"
     marks = (len(task_lm.lm.history), len(reflection_lm.lm.history))
     metric = CTRFeedbackMetric(s.prep)
     recorder = EvolutionRecorder(evo, split.train, split.val, reflection_lm.lm, run_no, g.predictors, metric)
-    recorder.event("run_start", resumed=resumed, recipe=str(s.recipe_path),
-                   recipe_sha256=file_sha256(s.recipe_path), max_metric_calls=g.max_metric_calls,
-                   train_ads=split.train, val_ads=split.val)
+    recorder.event(
+        "run_start",
+        resumed=resumed,
+        recipe=str(s.recipe_path),
+        recipe_sha256=file_sha256(s.recipe_path),
+        max_metric_calls=g.max_metric_calls,
+        train_ads=split.train,
+        val_ads=split.val,
+    )
     cached = recipe.task_lm.cache or recipe.reflection_lm.cache
     try:
         with response_cache(log_dir / "lm_cache") if cached else nullcontext():
             gepa = dspy.GEPA(
-                metric=metric, max_metric_calls=g.max_metric_calls, reflection_lm=reflection_lm.lm,
+                metric=metric,
+                max_metric_calls=g.max_metric_calls,
+                reflection_lm=reflection_lm.lm,
                 reflection_minibatch_size=g.reflection_minibatch_size,
                 candidate_selection_strategy=g.candidate_selection,
-                component_selector=OnlySelected(g.predictors, g.component_selector), use_merge=g.use_merge,
-                max_merge_invocations=g.max_merge_invocations, num_threads=g.num_threads, failure_score=0.0,
-                perfect_score=1.0, log_dir=str(log_dir), track_stats=True, seed=g.seed,
-                gepa_kwargs={"callbacks": [recorder], "use_cloudpickle": True})
+                component_selector=OnlySelected(g.predictors, g.component_selector),
+                use_merge=g.use_merge,
+                max_merge_invocations=g.max_merge_invocations,
+                num_threads=g.num_threads,
+                failure_score=0.0,
+                perfect_score=1.0,
+                log_dir=str(log_dir),
+                track_stats=True,
+                seed=g.seed,
+                gepa_kwargs={"callbacks": [recorder], "use_cloudpickle": True},
+            )
             with dspy.context(lm=task_lm.lm):
                 compiled = gepa.compile(s.program, trainset=trainset, valset=valset)
     except BaseException as exc:
         recorder.interrupted()
-        recorder.event("run_end", status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                       error=f"{type(exc).__name__}: {exc}", wall_seconds=round(time.time() - t_start, 1))
+        recorder.event(
+            "run_end",
+            status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+            error=f"{type(exc).__name__}: {exc}",
+            wall_seconds=round(time.time() - t_start, 1),
+        )
         raise
     finally:
         reflection_lm.lm.kwargs.pop("rollout_id", None)  # set per iteration by the recorder
-    usage = {"task_lm": lm_usage(task_lm.lm, since=marks[0]),
-             "reflection_lm": lm_usage(reflection_lm.lm, since=marks[1])
-             if reflection_lm.lm is not task_lm.lm else None}
+    usage = {
+        "task_lm": lm_usage(task_lm.lm, since=marks[0]),
+        "reflection_lm": lm_usage(reflection_lm.lm, since=marks[1])
+        if reflection_lm.lm is not task_lm.lm
+        else None,
+    }
     return compiled, recorder, usage
 
 
-def _finish(s: _Setup, out: Path, evo: Path, compiled, recorder: EvolutionRecorder, usage: dict[str, Any],
-            run_no: int, resumed: bool, task_lm, reflection_lm, t_start: float) -> CompileResult:
+def _finish(
+    s: _Setup,
+    out: Path,
+    evo: Path,
+    compiled,
+    recorder: EvolutionRecorder,
+    usage: dict[str, Any],
+    run_no: int,
+    resumed: bool,
+    task_lm,
+    reflection_lm,
+    t_start: float,
+) -> CompileResult:
     """Save the program and write the manifest (runs of earlier sessions kept)."""
     recipe, split, prep, name = s.recipe, s.split, s.prep, s.name
     dr = compiled.detailed_results
@@ -283,46 +362,88 @@ def _finish(s: _Setup, out: Path, evo: Path, compiled, recorder: EvolutionRecord
     out.mkdir(parents=True, exist_ok=True)
     compiled.save(str(program_path))
     wall = round(time.time() - t_start, 1)
-    recorder.event("run_end", status="complete", wall_seconds=wall, metric_calls=dr.total_metric_calls,
-                   **usage)
+    recorder.event(
+        "run_end", status="complete", wall_seconds=wall, metric_calls=dr.total_metric_calls, **usage
+    )
     manifest_path = out / f"{name}.manifest.json"
     old = read_json(manifest_path, "compile manifest") if manifest_path.exists() and resumed else {}
-    runs = list(old.get("runs", [])) + [{"run": run_no, "started": iso(t_start), "ended": now(),
-                                        "wall_seconds": wall, "resumed": resumed,
-                                        "metric_calls_total_after": dr.total_metric_calls, **usage}]
+    runs = list(old.get("runs", [])) + [
+        {
+            "run": run_no,
+            "started": iso(t_start),
+            "ended": now(),
+            "wall_seconds": wall,
+            "resumed": resumed,
+            "metric_calls_total_after": dr.total_metric_calls,
+            **usage,
+        }
+    ]
     val_scores = {i: {split.val[k]: rounded(v) for k, v in dr.val_subscores[i].items()} for i in (0, best)}
     cfg = recipe.program
     card = {k: v for k, v in s.data.card.items() if not str(k).startswith("feature_")}
     manifest = {
-        "name": name, "kind": "compiled (GEPA)", "program": str(program_path),
-        "program_sha256": file_sha256(program_path), "predictors": ["predict_weights.predict", "judge"],
+        "name": name,
+        "kind": "compiled (GEPA)",
+        "program": str(program_path),
+        "program_sha256": file_sha256(program_path),
+        "predictors": ["predict_weights.predict", "judge"],
         "optimised_predictors": recipe.gepa.predictors,
-        "recipe": {"path": str(s.recipe_path), "sha256": file_sha256(s.recipe_path),
-                   "settings": recipe.model_dump()},
+        "recipe": {
+            "path": str(s.recipe_path),
+            "sha256": file_sha256(s.recipe_path),
+            "settings": recipe.model_dump(),
+        },
         "lms": {"task": jsonable(task_lm.description), "reflection": jsonable(reflection_lm.description)},
         "data": {"name": s.data.name, **card},
-        "encoder": prep.encoder_name, "k": prep.k,
-        "split": {"train_ads": split.train, "val_ads": split.val, "eligible_ads": split.eligible,
-                  "rule": split.rule},
+        "encoder": prep.encoder_name,
+        "k": prep.k,
+        "split": {
+            "train_ads": split.train,
+            "val_ads": split.val,
+            "eligible_ads": split.eligible,
+            "rule": split.rule,
+        },
         "metric": "AUC of the calibrated weights on each val ad's test-user impressions, times the share of "
-                  "features answered (0 when nothing parsed); mean over val ads",
+        "features answered (0 when nothing parsed); mean over val ads",
         "val_score_before": rounded(dr.val_aggregate_scores[0]),
         "val_score_after": rounded(dr.val_aggregate_scores[best]),
-        "val_scores_before": val_scores[0], "val_scores_after": val_scores[best],
-        "best_candidate": best, "candidates": len(dr.candidates),
-        "budget": {"max_metric_calls": recipe.gepa.max_metric_calls,
-                   "metric_calls_used": dr.total_metric_calls, "full_val_evaluations": dr.num_full_val_evals},
+        "val_scores_before": val_scores[0],
+        "val_scores_after": val_scores[best],
+        "best_candidate": best,
+        "candidates": len(dr.candidates),
+        "budget": {
+            "max_metric_calls": recipe.gepa.max_metric_calls,
+            "metric_calls_used": dr.total_metric_calls,
+            "full_val_evaluations": dr.num_full_val_evals,
+        },
         "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
-        "tokens": _sum_tokens(runs), "runs": runs,
+        "tokens": _sum_tokens(runs),
+        "runs": runs,
         "interrupted_runs": _interrupted_runs(evo / "events.jsonl"),
-        "generate_flags": (f"--batch-size {cfg.batch_size} --samples {cfg.samples}"
-                           + ("" if cfg.judge else " --no-judge")
-                           + (" --hide-titles" if cfg.hide_titles else "")),
-        "evolution": str(evo), "gepa_log_dir": str(evo / "gepa"),
-        "created": old.get("created", now()), "updated": now(), "git": git_commit(), "versions": versions()}
+        "generate_flags": (
+            f"--batch-size {cfg.batch_size} --samples {cfg.samples}"
+            + ("" if cfg.judge else " --no-judge")
+            + (" --hide-titles" if cfg.hide_titles else "")
+        ),
+        "evolution": str(evo),
+        "gepa_log_dir": str(evo / "gepa"),
+        "created": old.get("created", now()),
+        "updated": now(),
+        "git": git_commit(),
+        "versions": versions(),
+    }
     write_json_atomic(manifest_path, manifest)
-    return CompileResult(name, program_path, manifest_path, evo, manifest["val_score_before"],
-                         manifest["val_score_after"], best, int(dr.total_metric_calls or 0), manifest)
+    return CompileResult(
+        name,
+        program_path,
+        manifest_path,
+        evo,
+        manifest["val_score_before"],
+        manifest["val_score_after"],
+        best,
+        int(dr.total_metric_calls or 0),
+        manifest,
+    )
 
 
 def _sum_tokens(runs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -345,6 +466,10 @@ def _interrupted_runs(events: Path) -> list[dict[str, Any]]:
             if e.get("status") == "complete":
                 runs.pop(e["run"])
             else:
-                runs[e["run"]].update(status=e.get("status"), ended=e["time"],
-                                      wall_seconds=e.get("wall_seconds"), error=e.get("error"))
+                runs[e["run"]].update(
+                    status=e.get("status"),
+                    ended=e["time"],
+                    wall_seconds=e.get("wall_seconds"),
+                    error=e.get("error"),
+                )
     return [runs[k] for k in sorted(runs)]

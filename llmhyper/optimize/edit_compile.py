@@ -36,8 +36,17 @@ class EditRunSettings:
     group_by: str | None = None  # metadata field whose groups the retired out-of-fold priors leave out
 
     def record(self, **extra: Any) -> dict[str, Any]:
-        out = {"data": self.data.name, "seed": self.data.seed, "posters": self.data.posters, "encoder": self.encoder,
-               "k": self.k, "lm": self.lm, "config": asdict(self.config), "group_by": self.group_by, **extra}
+        out = {
+            "data": self.data.name,
+            "seed": self.data.seed,
+            "posters": self.data.posters,
+            "encoder": self.encoder,
+            "k": self.k,
+            "lm": self.lm,
+            "config": asdict(self.config),
+            "group_by": self.group_by,
+            **extra,
+        }
         return json.loads(json.dumps(out, default=str))
 
 
@@ -45,9 +54,17 @@ def manifest_path(program: Path) -> Path:
     return program.with_name(program.stem + ".manifest.json")
 
 
-def compile_edit(prep: Prepared, ctx: EditContext, program: EditProgram, out: Path, captions: dict[str, str],
-                 settings: EditRunSettings, gate: GateSettings, lm_description: dict[str, Any],
-                 progress: bool = True) -> dict[str, Any]:
+def compile_edit(
+    prep: Prepared,
+    ctx: EditContext,
+    program: EditProgram,
+    out: Path,
+    captions: dict[str, str],
+    settings: EditRunSettings,
+    gate: GateSettings,
+    lm_description: dict[str, Any],
+    progress: bool = True,
+) -> dict[str, Any]:
     """Fit the gate on held-out retired ads; write the program, its manifest and its gate run folder."""
     out = Path(out)
     program_path = out.with_suffix(".json")
@@ -56,23 +73,41 @@ def compile_edit(prep: Prepared, ctx: EditContext, program: EditProgram, out: Pa
     seed_sha = file_sha256(seed_path)
     seed_path.unlink()
     with RunDir(out.with_name(out.name + ".gate")) as run:
-        run_settings = settings.record(gate=asdict(gate), program_sha256=seed_sha)
+        # the number of ads is left out: a compile with a larger budget extends this one
+        run_settings = settings.record(gate={"seed": gate.seed}, program_sha256=seed_sha)
         run.check_settings(run_settings)
         result = compile_gate(prep, ctx, program, run, captions, gate, run_settings, progress)
     program.save(str(program_path))
     manifest = {
-        "shape": "edit", "method": METHOD, "program": program_path.name, "sha256": file_sha256(program_path),
-        "seed_sha256": seed_sha, "optimizer": "gate: least-squares gamma on held-out retired ads",
-        "gamma": result["gamma"], "calibrate": ctx.calibrate, "units": ctx.units.round(6).tolist(),
-        "lm_adds_nothing": result["gamma"] == 0.0, "validation": result, "settings": run_settings,
-        "lm": lm_description, "prior": {"inputs": ctx.prior.inputs, "alpha": ctx.prior.alpha,
-                                        "retired_validation_auc": ctx.validation},
-        "git": git_commit(), "versions": versions(), "written": now()}
+        "shape": "edit",
+        "method": METHOD,
+        "program": program_path.name,
+        "sha256": file_sha256(program_path),
+        "seed_sha256": seed_sha,
+        "optimizer": "gate: least-squares gamma on held-out retired ads",
+        "gamma": result["gamma"],
+        "calibrate": ctx.calibrate,
+        "units": ctx.units.round(6).tolist(),
+        "lm_adds_nothing": result["gamma"] == 0.0,
+        "validation": result,
+        "settings": run_settings,
+        "lm": lm_description,
+        "prior": {
+            "inputs": ctx.prior.inputs,
+            "alpha": ctx.prior.alpha,
+            "retired_validation_auc": ctx.validation,
+        },
+        "git": git_commit(),
+        "versions": versions(),
+        "written": now(),
+    }
     write_json_atomic(manifest_path(program_path), manifest)
     return manifest
 
 
-def load_edit_program(path: Path, client: ChatClient | None, mode: str | None = None) -> tuple[EditProgram, dict]:
+def load_edit_program(
+    path: Path, client: ChatClient | None, mode: str | None = None
+) -> tuple[EditProgram, dict]:
     """A compiled edit program and its manifest (gamma, settings); one-line errors for anything else."""
     path = Path(path)
     man = read_json(manifest_path(path), "edit program manifest")
@@ -87,13 +122,25 @@ def load_edit_program(path: Path, client: ChatClient | None, mode: str | None = 
     return program, man
 
 
-def run_edit(prep: Prepared, ctx: EditContext, program: EditProgram, manifest: dict[str, Any], ad_ids: list[str],
-             out: Path, captions: dict[str, str], settings: EditRunSettings, program_path: Path,
-             lm_description: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+def run_edit(
+    prep: Prepared,
+    ctx: EditContext,
+    program: EditProgram,
+    manifest: dict[str, Any],
+    ad_ids: list[str],
+    out: Path,
+    captions: dict[str, str],
+    settings: EditRunSettings,
+    program_path: Path,
+    lm_description: dict[str, Any],
+    progress: bool = True,
+) -> dict[str, Any]:
     """Label every cold ad (resumable), then write the artifact with the compiled gamma, and the manifest."""
     gamma, calibrate = float(manifest["gamma"]), bool(manifest.get("calibrate", False))
     with RunDir(out) as run:
-        run_settings = settings.record(program_sha256=file_sha256(program_path), gamma=gamma, calibrate=calibrate)
+        run_settings = settings.record(
+            program_sha256=file_sha256(program_path), gamma=gamma, calibrate=calibrate
+        )
         run.check_settings(run_settings)
         times = run.session_times(resuming=bool(run.records()))
         records = edit_ads(prep, ctx, program, ad_ids, run, run_settings, captions, progress=progress)
@@ -103,15 +150,31 @@ def run_edit(prep: Prepared, ctx: EditContext, program: EditProgram, manifest: d
         table.save(run.weights_dir)
         recs = [records[a] for a in table.ad_ids]
         calls = sum(int(r.get("calls", 0)) for r in recs)
-        totals = {"ads": len(recs), "lm_calls": calls,
-                  "parse_failures": sum(int(r.get("parse_failures", 0)) for r in recs),
-                  "prompt_tokens": sum(int(r.get("tokens", {}).get("prompt_tokens", 0)) for r in recs),
-                  "completion_tokens": sum(int(r.get("tokens", {}).get("completion_tokens", 0)) for r in recs),
-                  "seconds": round(sum(float(r.get("seconds", 0)) for r in recs), 1)}
-        run.write_manifest({"method": METHOD, "shape": "edit", "settings": run_settings, "gamma": gamma,
-                            "lm_adds_nothing": gamma == 0.0, "program": str(program_path),
-                            "program_sha256": file_sha256(program_path), "lm": lm_description,
-                            "prior": {"inputs": ctx.prior.inputs, "alpha": ctx.prior.alpha},
-                            "git": git_commit(), "versions": versions(), **times, "updated": now(),
-                            "requested_ads": len(ad_ids), "totals": totals})
+        totals = {
+            "ads": len(recs),
+            "lm_calls": calls,
+            "parse_failures": sum(int(r.get("parse_failures", 0)) for r in recs),
+            "prompt_tokens": sum(int(r.get("tokens", {}).get("prompt_tokens", 0)) for r in recs),
+            "completion_tokens": sum(int(r.get("tokens", {}).get("completion_tokens", 0)) for r in recs),
+            "seconds": round(sum(float(r.get("seconds", 0)) for r in recs), 1),
+        }
+        run.write_manifest(
+            {
+                "method": METHOD,
+                "shape": "edit",
+                "settings": run_settings,
+                "gamma": gamma,
+                "lm_adds_nothing": gamma == 0.0,
+                "program": str(program_path),
+                "program_sha256": file_sha256(program_path),
+                "lm": lm_description,
+                "prior": {"inputs": ctx.prior.inputs, "alpha": ctx.prior.alpha},
+                "git": git_commit(),
+                "versions": versions(),
+                **times,
+                "updated": now(),
+                "requested_ads": len(ad_ids),
+                "totals": totals,
+            }
+        )
     return totals

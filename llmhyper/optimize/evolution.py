@@ -32,8 +32,9 @@ class Evolution:
         for c in self.candidates:
             if c["id"] == idx:
                 return c
-        raise LLMHyperError(f"no candidate {idx} (there are {len(self.candidates)}: "
-                            f"{[c['id'] for c in self.candidates]})")
+        raise LLMHyperError(
+            f"no candidate {idx} (there are {len(self.candidates)}: {[c['id'] for c in self.candidates]})"
+        )
 
     def children(self) -> dict[int, list[int]]:
         kids: dict[int, list[int]] = {c["id"]: [] for c in self.candidates}
@@ -63,6 +64,7 @@ def origin(c: dict[str, Any]) -> str:
 
 # -- reading -------------------------------------------------------------------------------------------
 
+
 def resolve_folder(path: str | Path) -> Path:
     """programs/NAME, programs/NAME.json, programs/NAME.manifest.json or programs/NAME.evolution."""
     p = Path(path)
@@ -76,8 +78,10 @@ def resolve_folder(path: str | Path) -> Path:
     for c in cands:
         if (c / "candidates.json").is_file():
             return c
-    raise DataError("no evolution log here (expected NAME.evolution/candidates.json, written by "
-                    "`llmhyper compile`)", file=str(path))
+    raise DataError(
+        "no evolution log here (expected NAME.evolution/candidates.json, written by `llmhyper compile`)",
+        file=str(path),
+    )
 
 
 def load_evolution(path: str | Path) -> Evolution:
@@ -93,12 +97,22 @@ def load_evolution(path: str | Path) -> Evolution:
     manifest_path = folder.parent / f"{name}.manifest.json"
     manifest = read_json(manifest_path, "compile manifest") if manifest_path.exists() else None
     cands = sorted(cj.get("candidates", []), key=lambda c: c["id"])
-    return Evolution(name, folder, cands, cj.get("best"), cj.get("val_ads", []), cj.get("train_ads", []),
-                     pareto, [iterations[k] for k in sorted(iterations)], read_jsonl(folder / "events.jsonl"),
-                     manifest)
+    return Evolution(
+        name,
+        folder,
+        cands,
+        cj.get("best"),
+        cj.get("val_ads", []),
+        cj.get("train_ads", []),
+        pareto,
+        [iterations[k] for k in sorted(iterations)],
+        read_jsonl(folder / "events.jsonl"),
+        manifest,
+    )
 
 
 # -- analysis --------------------------------------------------------------------------------------------
+
 
 def best_so_far(evo: Evolution) -> list[tuple[int, float, int]]:
     """(metric calls at discovery, best val score so far, candidate that holds it), one point per new best."""
@@ -126,8 +140,11 @@ def instruction_diff(evo: Evolution, idx: int, parent: int | None = None) -> str
         for pred in sorted(set(cand["instructions"]) | set(par["instructions"])):
             a = _lines(par["instructions"].get(pred))
             b = _lines(cand["instructions"].get(pred))
-            d = list(difflib.unified_diff(a, b, fromfile=f"candidate {p} / {pred}",
-                                          tofile=f"candidate {idx} / {pred}", n=2))
+            d = list(
+                difflib.unified_diff(
+                    a, b, fromfile=f"candidate {p} / {pred}", tofile=f"candidate {idx} / {pred}", n=2
+                )
+            )
             if d:
                 out.append("".join(x if x.endswith("\n") else x + "\n" for x in d))
     return "".join(out) or f"candidate {idx} has the same instructions as its parent(s) {parents}\n"

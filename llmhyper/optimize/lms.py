@@ -14,9 +14,16 @@ from llmhyper.optimize.recipe import LMSection, Recipe
 
 
 def _settings(lm: LMSection, threads: int | None, n_ctx: int) -> dict:
-    return {"api_base": lm.api_base, "api_key_env": lm.api_key_env, "temperature": lm.temperature,
-            "max_tokens": lm.max_tokens, "n_threads": threads or lm.threads, "n_ctx": n_ctx,
-            "cache": lm.cache, "timeout": lm.timeout}
+    return {
+        "api_base": lm.api_base,
+        "api_key_env": lm.api_key_env,
+        "temperature": lm.temperature,
+        "max_tokens": lm.max_tokens,
+        "n_threads": threads or lm.threads,
+        "n_ctx": n_ctx,
+        "cache": lm.cache,
+        "timeout": lm.timeout,
+    }
 
 
 def build_lms(recipe: Recipe, threads: int | None = None) -> tuple[LMHandle, LMHandle]:
@@ -42,8 +49,11 @@ def response_cache(folder: Path) -> Iterator[None]:
     """DSPy's response cache on disk in `folder` while the block runs; afterwards the cache configured
     before (its tiers, folder and memory size) is configured again."""
     old = dspy.cache
-    before = {"enable_disk_cache": old.enable_disk_cache, "enable_memory_cache": old.enable_memory_cache,
-              "disk_cache_dir": old.disk_cache_dir}
+    before = {
+        "enable_disk_cache": old.enable_disk_cache,
+        "enable_memory_cache": old.enable_memory_cache,
+        "disk_cache_dir": old.disk_cache_dir,
+    }
     if isinstance(getattr(old.memory_cache, "maxsize", None), (int, float)):
         before["memory_max_entries"] = old.memory_cache.maxsize
     dspy.configure_cache(enable_disk_cache=True, enable_memory_cache=True, disk_cache_dir=str(folder))

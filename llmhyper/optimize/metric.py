@@ -45,12 +45,19 @@ class Assessment:
     error: str | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {"ad_id": self.ad_id, "status": self.status, "score": rounded(self.score),
-                "auc": rounded(self.auc), "sign_agreement": rounded(self.sign_agreement),
-                "cosine": rounded(self.cosine),
-                "n_impressions": self.n_impressions, "n_clicks": self.n_clicks,
-                "parsed": f"{self.n_parsed}/{self.n_features}",
-                "wrong_signs": [f for f, _, _ in self.wrong_signs], "error": self.error}
+        return {
+            "ad_id": self.ad_id,
+            "status": self.status,
+            "score": rounded(self.score),
+            "auc": rounded(self.auc),
+            "sign_agreement": rounded(self.sign_agreement),
+            "cosine": rounded(self.cosine),
+            "n_impressions": self.n_impressions,
+            "n_clicks": self.n_clicks,
+            "parsed": f"{self.n_parsed}/{self.n_features}",
+            "wrong_signs": [f for f, _, _ in self.wrong_signs],
+            "error": self.error,
+        }
 
 
 def rounded(x: float | None, n: int = 4) -> float | None:
@@ -107,8 +114,16 @@ class CTRFeedbackMetric:
         for f in self.names:
             if f not in raw and f not in failed:
                 failed[f] = "no weight in the answer"
-        a = Assessment(ad_id, "failed", 0.0, n_impressions=len(y), n_clicks=int(y.sum()), n_features=n,
-                       n_parsed=len(raw), failed=failed)
+        a = Assessment(
+            ad_id,
+            "failed",
+            0.0,
+            n_impressions=len(y),
+            n_clicks=int(y.sum()),
+            n_features=n,
+            n_parsed=len(raw),
+            failed=failed,
+        )
         if not raw:
             return a
         fin = finish_ad(self.prep, ad_id, _WeightsOnly(raw), self.names)
@@ -120,17 +135,24 @@ class CTRFeedbackMetric:
         full = np.array([raw.get(f, fin["filled_from_knn_prior"].get(f, 0.0)) for f in self.names])
         denom = float(np.linalg.norm(full) * np.linalg.norm(trained))
         a.cosine = float(full @ trained / denom) if denom > 0 else 0.0
-        checked = [(f, raw[f], float(t)) for f, t in zip(self.names, trained, strict=True)
-                   if f in raw and abs(t) >= SIGN_TOL]
+        checked = [
+            (f, raw[f], float(t))
+            for f, t in zip(self.names, trained, strict=True)
+            if f in raw and abs(t) >= SIGN_TOL
+        ]
         a.n_sign_checked = len(checked)
         if checked:
             agree = [np.sign(v) == np.sign(t) for _, v, t in checked]
             a.sign_agreement = float(np.mean(agree))
-            a.wrong_signs = sorted([c for c, ok in zip(checked, agree, strict=True) if not ok],
-                                   key=lambda c: -abs(c[2]))
+            a.wrong_signs = sorted(
+                [c for c, ok in zip(checked, agree, strict=True) if not ok], key=lambda c: -abs(c[2])
+            )
         wrong = {f for f, _, _ in a.wrong_signs}
-        errs = [(f, raw[f], float(t)) for f, t in zip(self.names, trained, strict=True)
-                if f in raw and f not in wrong]
+        errs = [
+            (f, raw[f], float(t))
+            for f, t in zip(self.names, trained, strict=True)
+            if f in raw and f not in wrong
+        ]
         a.largest_errors = sorted(errs, key=lambda c: -abs(c[1] - c[2]))[:3]
         return a
 
@@ -141,8 +163,11 @@ class CTRFeedbackMetric:
             a = self.assess(ad_id, pred)
         except Exception as exc:  # a metric must never stop the optimiser
             a = Assessment(ad_id, "failed", 0.0, error=f"{type(exc).__name__}: {exc}")
-            return dspy.Prediction(score=0.0, assessment=a.summary(),
-                                   feedback=f"Score 0: the weights could not be scored ({a.error}).")
+            return dspy.Prediction(
+                score=0.0,
+                assessment=a.summary(),
+                feedback=f"Score 0: the weights could not be scored ({a.error}).",
+            )
         self.last[ad_id] = a
         try:
             if pred_name == "judge":
@@ -156,17 +181,25 @@ class CTRFeedbackMetric:
     # -- feedback texts --------------------------------------------------------------------------------
     def _head(self, a: Assessment) -> list[str]:
         auc_txt = f"{a.auc:.3f}" if a.auc is not None else "n/a"
-        lines = [(f"Score {a.score:.3f} = AUC {auc_txt} of the calibrated weights on this ad's "
-                  f"{a.n_impressions} held-out impressions ({a.n_clicks} clicks); 0.5 is random guessing, "
-                  "1.0 a perfect ranking.")]
+        lines = [
+            (
+                f"Score {a.score:.3f} = AUC {auc_txt} of the calibrated weights on this ad's "
+                f"{a.n_impressions} held-out impressions ({a.n_clicks} clicks); 0.5 is random guessing, "
+                "1.0 a perfect ranking."
+            )
+        ]
         if a.status == "partial":
-            lines[0] += (f" Only {a.n_parsed} of {a.n_features} weights could be read, so the score is "
-                         f"scaled by {a.n_parsed}/{a.n_features}.")
+            lines[0] += (
+                f" Only {a.n_parsed} of {a.n_features} weights could be read, so the score is "
+                f"scaled by {a.n_parsed}/{a.n_features}."
+            )
         if a.sign_agreement is not None:
-            lines.append(f"Against the weights this ad's own model learned from real clicks: the sign is "
-                         f"right for {round(a.sign_agreement * a.n_sign_checked)} of {a.n_sign_checked} "
-                         f"features that matter (|trained| >= {SIGN_TOL}); cosine similarity "
-                         f"{a.cosine:+.2f}.")
+            lines.append(
+                f"Against the weights this ad's own model learned from real clicks: the sign is "
+                f"right for {round(a.sign_agreement * a.n_sign_checked)} of {a.n_sign_checked} "
+                f"features that matter (|trained| >= {SIGN_TOL}); cosine similarity "
+                f"{a.cosine:+.2f}."
+            )
         return lines
 
     def _failure_lines(self, a: Assessment, names: list[str] | None = None) -> list[str]:
@@ -174,16 +207,26 @@ class CTRFeedbackMetric:
         if not failed:
             return []
         reasons = sorted(set(failed.values()))
-        return [(f"No usable weight for {len(failed)} feature(s) ({', '.join(list(failed)[:8])}"
-                 f"{', ...' if len(failed) > 8 else ''}): {'; '.join(_quote(r, 160) for r in reasons[:2])}. "
-                 "Answer with `weights` as ONE JSON object that maps every feature name of the batch, "
-                 "spelled exactly, to one plain number.")]
+        return [
+            (
+                f"No usable weight for {len(failed)} feature(s) ({', '.join(list(failed)[:8])}"
+                f"{', ...' if len(failed) > 8 else ''}): {'; '.join(_quote(r, 160) for r in reasons[:2])}. "
+                "Answer with `weights` as ONE JSON object that maps every feature name of the batch, "
+                "spelled exactly, to one plain number."
+            )
+        ]
 
     def weights_feedback(self, a: Assessment, pred, pred_trace=None) -> str:
         if a.status == "failed":
-            return " ".join([(f"Score 0: no weights could be read from the answers for any of the "
-                              f"{a.n_features} features, so this ad got no model at all.")]
-                            + self._failure_lines(a))
+            return " ".join(
+                [
+                    (
+                        f"Score 0: no weights could be read from the answers for any of the "
+                        f"{a.n_features} features, so this ad got no model at all."
+                    )
+                ]
+                + self._failure_lines(a)
+            )
         _, _, trained_vec = self.truth(a.ad_id)
         trained = dict(zip(self.names, trained_vec.tolist(), strict=True))
         names, weights, reasoning = None, None, None
@@ -197,8 +240,11 @@ class CTRFeedbackMetric:
                 names, weights, reasoning = None, None, None
         lines = self._head(a)
         if names:
-            wrong = [(f, weights.get(f), trained[f]) for f in names if f in weights
-                     and abs(trained[f]) >= SIGN_TOL and np.sign(weights[f]) != np.sign(trained[f])]
+            wrong = [
+                (f, weights.get(f), trained[f])
+                for f in names
+                if f in weights and abs(trained[f]) >= SIGN_TOL and np.sign(weights[f]) != np.sign(trained[f])
+            ]
             wrong.sort(key=lambda c: -abs(c[2]))
             flipped = {w[0] for w in wrong}
             rest = [(f, weights[f], trained[f]) for f in names if f in weights and f not in flipped]
@@ -212,8 +258,11 @@ class CTRFeedbackMetric:
         else:
             lines.append("No feature that matters has the wrong sign.")
         if errors:
-            lines.append("Largest errors (your weight vs trained): " + "; ".join(
-                f"{f} {_fmt(v)} vs {_fmt(t)} (off by {abs(v - t):.2f})" for f, v, t in errors) + ".")
+            lines.append(
+                "Largest errors (your weight vs trained): "
+                + "; ".join(f"{f} {_fmt(v)} vs {_fmt(t)} (off by {abs(v - t):.2f})" for f, v, t in errors)
+                + "."
+            )
         lines += self._failure_lines(a, names)
         if reasoning is None:
             worst = wrong[0][0] if wrong else (errors[0][0] if errors else None)
@@ -235,8 +284,9 @@ class CTRFeedbackMetric:
         _, _, trained_vec = self.truth(a.ad_id)
         trained = dict(zip(self.names, trained_vec.tolist(), strict=True))
         rounds = [r for r in (getattr(pred, "judge", None) or []) if isinstance(r, dict)]
-        lines = [f"The weights you reviewed led to score {a.score:.3f} (AUC on held-out clicks; 0.5 is "
-                 "random)."]
+        lines = [
+            f"The weights you reviewed led to score {a.score:.3f} (AUC on held-out clicks; 0.5 is random)."
+        ]
         if not rounds or not rounds[0].get("ok"):
             reason = rounds[0].get("reason") if rounds else "the judge did not run"
             return " ".join(lines + [f"Your review could not be read ({reason}). Answer every output field."])
@@ -248,17 +298,29 @@ class CTRFeedbackMetric:
                 if f not in first or f not in trained:
                     continue
                 right = abs(trained[f]) < SIGN_TOL or np.sign(first[f]) == np.sign(trained[f])
-                verdict = ("its sign was right, a false alarm that cost a regeneration" if right
-                           else "wrong sign, a good catch")
+                verdict = (
+                    "its sign was right, a false alarm that cost a regeneration"
+                    if right
+                    else "wrong sign, a good catch"
+                )
                 parts.append(f"{f} ({_fmt(first[f])}, trained {_fmt(trained[f])}: {verdict})")
             lines.append("You flagged as inconsistent: " + "; ".join(parts) + ".")
         else:
             lines.append("You flagged no feature as inconsistent.")
-        missed = [f for f, v in first.items() if f in trained and abs(trained[f]) >= SIGN_TOL
-                  and np.sign(v) != np.sign(trained[f]) and f not in flagged]
+        missed = [
+            f
+            for f, v in first.items()
+            if f in trained
+            and abs(trained[f]) >= SIGN_TOL
+            and np.sign(v) != np.sign(trained[f])
+            and f not in flagged
+        ]
         if missed:
-            lines.append("You missed weights with the wrong sign: " + "; ".join(
-                f"{f} {_fmt(first[f])} vs trained {_fmt(trained[f])}" for f in missed[:6]) + ".")
+            lines.append(
+                "You missed weights with the wrong sign: "
+                + "; ".join(f"{f} {_fmt(first[f])} vs trained {_fmt(trained[f])}" for f in missed[:6])
+                + "."
+            )
         improper = rounds[0].get("improper_features") or []
         if improper:
             lines.append(f"You called these pairings improper: {', '.join(improper)}.")
@@ -277,4 +339,3 @@ class CTRFeedbackMetric:
 class _WeightsOnly:
     def __init__(self, weights: dict[str, float]):
         self.weights = weights
-

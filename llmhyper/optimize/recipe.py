@@ -80,8 +80,9 @@ class LMSection(_Section):
     @classmethod
     def _spec(cls, v: str) -> str:
         if v != "embedded" and "/" not in v:
-            raise ValueError(f"'{v}' is not an LM: use 'embedded' or a DSPy model string like "
-                             "'openai/gpt-4o'")
+            raise ValueError(
+                f"'{v}' is not an LM: use 'embedded' or a DSPy model string like 'openai/gpt-4o'"
+            )
         return v
 
 
@@ -154,7 +155,7 @@ def check_recipe(r: Recipe, file: str) -> None:
     if d.dataset != "folder" and d.path:
         fail("data.path", f"path is only for dataset 'folder' (dataset is '{d.dataset}')")
     if d.synthetic is not None and d.dataset != "synthetic":
-        fail("data.synthetic", "synthetic options need dataset = \"synthetic\"")
+        fail("data.synthetic", 'synthetic options need dataset = "synthetic"')
     if d.posters is not None and d.dataset != "movielens-100k":
         fail("data.posters", "posters are only for dataset 'movielens-100k'")
     for part in ("train", "val"):
@@ -162,31 +163,40 @@ def check_recipe(r: Recipe, file: str) -> None:
         if n is None and ids is None:
             fail(f"split.n_{part}", f"say how many {part} ads to select (n_{part}) or list them ({part}_ids)")
         if n is not None and ids is not None and n != len(ids):
-            fail(f"split.n_{part}",
-                 f"n_{part} = {n} but {part}_ids lists {len(ids)} ads (give one of the two)")
+            fail(
+                f"split.n_{part}", f"n_{part} = {n} but {part}_ids lists {len(ids)} ads (give one of the two)"
+            )
     if s.train_ids and s.val_ids:
         both = sorted(set(s.train_ids) & set(s.val_ids))
         if both:
             fail("split.val_ids", f"ads {both} are both train and val ads")
     if g.max_metric_calls <= r.n_val:
-        fail("gepa.max_metric_calls", f"{g.max_metric_calls} metric calls leave nothing to optimise: "
-                                      f"evaluating the starting program on the {r.n_val} val ads alone uses "
-                                      f"{r.n_val}")
+        fail(
+            "gepa.max_metric_calls",
+            f"{g.max_metric_calls} metric calls leave nothing to optimise: "
+            f"evaluating the starting program on the {r.n_val} val ads alone uses "
+            f"{r.n_val}",
+        )
     if g.reflection_minibatch_size > r.n_train:
-        fail("gepa.reflection_minibatch_size",
-             f"{g.reflection_minibatch_size} is more than the {r.n_train} train ads")
+        fail(
+            "gepa.reflection_minibatch_size",
+            f"{g.reflection_minibatch_size} is more than the {r.n_train} train ads",
+        )
     if "judge" in g.predictors and not r.program.judge:
         fail("gepa.predictors", "the judge cannot be optimised when program.judge = false (it never runs)")
     for sec in ("task_lm", "reflection_lm"):
         lm: LMSection = getattr(r, sec)
         if lm.spec == "embedded" and lm.api_base:
-            fail(f"{sec}.api_base",
-                 "api_base is only for remote models; the embedded model runs its own server")
+            fail(
+                f"{sec}.api_base",
+                "api_base is only for remote models; the embedded model runs its own server",
+            )
         if lm.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", lm.api_key_env):
             fail(f"{sec}.api_key_env", f"'{lm.api_key_env}' is not an environment variable name")
     if r.task_lm.spec == r.reflection_lm.spec == "embedded" and r.task_lm.threads != r.reflection_lm.threads:
-        fail("reflection_lm.threads",
-             "task and reflection LM share one embedded server: use the same threads")
+        fail(
+            "reflection_lm.threads", "task and reflection LM share one embedded server: use the same threads"
+        )
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -44,8 +44,11 @@ def _error(ev: dict[str, Any]) -> str:
 
 # GEPA event -> what its events.jsonl line keeps besides `iteration` (our name: GEPA's field or a function)
 LOGGED: dict[str, dict[str, Getter]] = {
-    "optimization_start": {"trainset_size": "trainset_size", "valset_size": "valset_size",
-                           "config": "config"},
+    "optimization_start": {
+        "trainset_size": "trainset_size",
+        "valset_size": "valset_size",
+        "config": "config",
+    },
     "iteration_start": {},
     "candidate_selected": {"candidate": "candidate_idx", "score": "score"},
     "minibatch_sampled": {},
@@ -55,27 +58,38 @@ LOGGED: dict[str, dict[str, Getter]] = {
     "reflective_dataset_built": {"candidate": "candidate_idx", "components": "components"},
     "proposal_start": {"components": "components"},
     "proposal_end": {},
-    "candidate_accepted": {"candidate": "new_candidate_idx", "subsample_score": "new_score",
-                           "parents": "parent_ids"},
+    "candidate_accepted": {
+        "candidate": "new_candidate_idx",
+        "subsample_score": "new_score",
+        "parents": "parent_ids",
+    },
     "candidate_rejected": {"old": "old_score", "new": "new_score", "reason": "reason"},
     "merge_attempted": {"parents": "parent_ids"},
     "merge_accepted": {"candidate": "new_candidate_idx", "parents": "parent_ids"},
     "merge_rejected": {"parents": "parent_ids", "reason": "reason"},
     "pareto_front_updated": {"front": "new_front", "displaced": "displaced_candidates"},
     "valset_evaluated": {},
-    "budget_updated": {"used": "metric_calls_used", "delta": "metric_calls_delta",
-                       "remaining": "metric_calls_remaining"},
+    "budget_updated": {
+        "used": "metric_calls_used",
+        "delta": "metric_calls_delta",
+        "remaining": "metric_calls_remaining",
+    },
     "state_saved": {},
     "error": {"error": _error, "will_continue": "will_continue"},
     "iteration_end": {},
-    "optimization_end": {"best": "best_candidate_idx", "iterations": "total_iterations",
-                         "metric_calls": "total_metric_calls"},
+    "optimization_end": {
+        "best": "best_candidate_idx",
+        "iterations": "total_iterations",
+        "metric_calls": "total_metric_calls",
+    },
 }
 
 # GEPA event -> what it sets on the current iteration's record
 RECORDED: dict[str, dict[str, Getter]] = {
-    "candidate_selected": {"parent": "candidate_idx",
-                           "parent_val_score": lambda ev: rounded(ev.get("score"))},
+    "candidate_selected": {
+        "parent": "candidate_idx",
+        "parent_val_score": lambda ev: rounded(ev.get("score")),
+    },
     "evaluation_skipped": {"outcome": lambda ev: "skipped", "reason": "reason"},
     "candidate_accepted": {"new_candidate": "new_candidate_idx"},
     "candidate_rejected": {"outcome": lambda ev: "rejected", "reason": "reason"},
@@ -93,9 +107,16 @@ def _get(ev: dict[str, Any], how: Getter) -> Any:
 class EvolutionRecorder:
     """A GEPA callback (duck-typed `gepa.core.callbacks.GEPACallback`) that writes the evolution folder."""
 
-    def __init__(self, folder: Path, train_ids: list[str], val_ids: list[str], reflection_lm=None,
-                 run_no: int = 1, predictors: list[str] | None = None,
-                 metric: CTRFeedbackMetric | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        train_ids: list[str],
+        val_ids: list[str],
+        reflection_lm=None,
+        run_no: int = 1,
+        predictors: list[str] | None = None,
+        metric: CTRFeedbackMetric | None = None,
+    ):
         self.metric = metric
         self._pruned = False
         self._last_written: tuple[int, bool] | None = None  # (iteration, finished normally)
@@ -143,21 +164,39 @@ class EvolutionRecorder:
         cands = [self.candidates[i] for i in sorted(self.candidates)]
         if best is None and cands:
             best = max(cands, key=lambda c: (c.get("val_score") or -1.0, -c["id"]))["id"]
-        write_json_atomic(self.folder / "candidates.json", {
-            "format": FORMAT, "predictors": self.predictors, "val_ads": self.val_ids,
-            "train_ads": self.train_ids, "best": best, "candidates": cands})
+        write_json_atomic(
+            self.folder / "candidates.json",
+            {
+                "format": FORMAT,
+                "predictors": self.predictors,
+                "val_ads": self.val_ids,
+                "train_ads": self.train_ids,
+                "best": best,
+                "candidates": cands,
+            },
+        )
         per_ad = {}
         for ad in self.val_ids:
-            scored = [(c["val_scores"].get(ad), c["id"]) for c in cands
-                      if c.get("val_scores", {}).get(ad) is not None]
+            scored = [
+                (c["val_scores"].get(ad), c["id"])
+                for c in cands
+                if c.get("val_scores", {}).get(ad) is not None
+            ]
             if scored:
                 top = max(s for s, _ in scored)
                 per_ad[ad] = {"best_score": top, "candidates": sorted(i for s, i in scored if s == top)}
         front = sorted({i for v in per_ad.values() for i in v["candidates"]})
         agg = float(np.mean([v["best_score"] for v in per_ad.values()])) if per_ad else None
-        write_json_atomic(self.folder / "pareto.json", {
-            "format": FORMAT, "val_ads": self.val_ids, "per_ad": per_ad, "front": front,
-            "front_aggregate": rounded(agg)})
+        write_json_atomic(
+            self.folder / "pareto.json",
+            {
+                "format": FORMAT,
+                "val_ads": self.val_ids,
+                "per_ad": per_ad,
+                "front": front,
+                "front_aggregate": rounded(agg),
+            },
+        )
 
     def _rewrite_iterations(self, keep: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
         if not self.iterations_path.exists():
@@ -169,8 +208,13 @@ class EvolutionRecorder:
         """Called when the run dies: an iteration cut short is marked as such (a resumed run replays it)."""
         last = self._last_written
         if last is not None and not last[1]:
-            self._rewrite_iterations(lambda r: {**r, "outcome": "interrupted"}
-                                     if r.get("iteration") == last[0] and r.get("run") == self.run_no else r)
+            self._rewrite_iterations(
+                lambda r: (
+                    {**r, "outcome": "interrupted"}
+                    if r.get("iteration") == last[0] and r.get("run") == self.run_no
+                    else r
+                )
+            )
 
     # -- GEPA callbacks --------------------------------------------------------------------------------
     def handle(self, kind: str, ev: dict[str, Any]) -> None:
@@ -192,14 +236,21 @@ class EvolutionRecorder:
         state = ev.get("state")
         if not self._pruned:  # records of iterations GEPA's saved state does not hold will be replayed
             self._pruned = True
-            dropped = [r.get("iteration") for r in read_jsonl(self.iterations_path)
-                       if int(r.get("iteration", 0)) >= it]
+            dropped = [
+                r.get("iteration")
+                for r in read_jsonl(self.iterations_path)
+                if int(r.get("iteration", 0)) >= it
+            ]
             if dropped:
                 self._rewrite_iterations(lambda r: None if int(r.get("iteration", 0)) >= it else r)
                 self.event("iterations_replayed", iterations=dropped)
         self.metric_calls = int(getattr(state, "total_num_evals", self.metric_calls))
-        self.iteration = {"iteration": it, "run": self.run_no, "started": now(),
-                          "metric_calls_at_start": self.metric_calls}
+        self.iteration = {
+            "iteration": it,
+            "run": self.run_no,
+            "started": now(),
+            "metric_calls_at_start": self.metric_calls,
+        }
         # a fresh reflection sample per iteration; the same one when a resumed run replays the iteration
         lm = self.reflection_lm
         if lm is not None and (lm.kwargs.get("temperature") or 0) > 0:
@@ -221,7 +272,8 @@ class EvolutionRecorder:
             if self.metric is not None:  # the metric's numbers for the minibatch ads, as just computed
                 self.iteration[f"{who}_assessments"] = [
                     self.metric.last[a].summary() if a in self.metric.last else None
-                    for a in self.iteration.get("minibatch", [])]
+                    for a in self.iteration.get("minibatch", [])
+                ]
         return {"scores": scores}
 
     def _on_reflective_dataset_built(self, ev) -> dict[str, Any]:
@@ -229,8 +281,9 @@ class EvolutionRecorder:
         if self.iteration is not None:
             self.iteration["components"] = list(ev.get("components") or [])
             self.iteration["reflective_dataset"] = dataset
-            self.iteration["feedback"] = {k: [r.get("Feedback") for r in v if isinstance(r, dict)]
-                                          for k, v in dataset.items()}
+            self.iteration["feedback"] = {
+                k: [r.get("Feedback") for r in v if isinstance(r, dict)] for k, v in dataset.items()
+            }
         return {"records": {k: len(v) for k, v in dataset.items()}}
 
     def _on_proposal_start(self, ev) -> dict[str, Any]:
@@ -238,15 +291,21 @@ class EvolutionRecorder:
         return {}
 
     def _on_proposal_end(self, ev) -> dict[str, Any]:
-        calls = [jsonable({k: h.get(k) for k in ("messages", "outputs", "usage", "model", "timestamp")})
-                 for h in list(getattr(self.reflection_lm, "history", []) or [])[self._mark :]]
+        calls = [
+            jsonable({k: h.get(k) for k in ("messages", "outputs", "usage", "model", "timestamp")})
+            for h in list(getattr(self.reflection_lm, "history", []) or [])[self._mark :]
+        ]
         if self.iteration is not None:
             self.iteration["proposal"] = {
                 "new_instructions": jsonable(ev.get("new_instructions")),
-                "prompts": jsonable(ev.get("prompts")), "raw_lm_outputs": jsonable(ev.get("raw_lm_outputs")),
-                "reflection_calls": calls}
-        return {"components": sorted((ev.get("new_instructions") or {}).keys()),
-                "reflection_calls": len(calls)}
+                "prompts": jsonable(ev.get("prompts")),
+                "raw_lm_outputs": jsonable(ev.get("raw_lm_outputs")),
+                "reflection_calls": calls,
+            }
+        return {
+            "components": sorted((ev.get("new_instructions") or {}).keys()),
+            "reflection_calls": len(calls),
+        }
 
     def _on_candidate_accepted(self, ev) -> dict[str, Any]:
         idx = ev.get("new_candidate_idx")
@@ -269,21 +328,30 @@ class EvolutionRecorder:
         evaluated = int(ev.get("num_examples_evaluated") or 0)
         parent = self.candidates.get(parents[0], {}).get("instructions") if parents else None
         found_at = 0 if idx == 0 else max(0, self.metric_calls - evaluated)
-        rec = {"id": idx, "parents": parents, "instructions": dict(ev.get("candidate") or {}),
-               "val_scores": self._val_scores(ev.get("scores_by_val_id") or {}),
-               "val_score": rounded(ev.get("average_score")),
-               "origin": old.get("origin") or ("seed" if idx == 0 else "reflection"),
-               "iteration": old.get("iteration", 0 if idx == 0 else ev.get("iteration")),
-               "discovered_at_metric_calls": old.get("discovered_at_metric_calls", found_at),
-               "changed": _changed(ev.get("candidate") or {}, parent)}
+        rec = {
+            "id": idx,
+            "parents": parents,
+            "instructions": dict(ev.get("candidate") or {}),
+            "val_scores": self._val_scores(ev.get("scores_by_val_id") or {}),
+            "val_score": rounded(ev.get("average_score")),
+            "origin": old.get("origin") or ("seed" if idx == 0 else "reflection"),
+            "iteration": old.get("iteration", 0 if idx == 0 else ev.get("iteration")),
+            "discovered_at_metric_calls": old.get("discovered_at_metric_calls", found_at),
+            "changed": _changed(ev.get("candidate") or {}, parent),
+        }
         if self.iteration is not None and idx != 0:
             self.iteration["new_candidate"] = idx
             self.iteration["val_score"] = rec["val_score"]
             rec["iteration"] = self.iteration["iteration"]
         self.candidates[idx] = rec
         self.write_candidates()
-        return {"candidate": idx, "parents": parents, "score": ev.get("average_score"),
-                "scores": rec["val_scores"], "is_best": ev.get("is_best_program")}
+        return {
+            "candidate": idx,
+            "parents": parents,
+            "score": ev.get("average_score"),
+            "scores": rec["val_scores"],
+            "is_best": ev.get("is_best_program"),
+        }
 
     def _on_budget_updated(self, ev) -> dict[str, Any]:
         self.metric_calls = int(ev.get("metric_calls_used") or self.metric_calls)
@@ -317,14 +385,17 @@ class EvolutionRecorder:
             scores = state.prog_candidate_val_subscores[idx]
             vals = [v for v in scores.values() if v is not None]
             self.candidates[idx] = {
-                "id": idx, "parents": parents, "instructions": dict(cand),
+                "id": idx,
+                "parents": parents,
+                "instructions": dict(cand),
                 "val_scores": self._val_scores(scores),
                 "val_score": rounded(float(np.mean(vals))) if vals else None,
-                "origin": old.get("origin") or ("seed" if idx == 0 else
-                                                ("merge" if len(parents) > 1 else "reflection")),
+                "origin": old.get("origin")
+                or ("seed" if idx == 0 else ("merge" if len(parents) > 1 else "reflection")),
                 "iteration": old.get("iteration", 0 if idx == 0 else None),
                 "discovered_at_metric_calls": int(state.num_metric_calls_by_discovery[idx]),
-                "changed": _changed(cand, state.program_candidates[parents[0]] if parents else None)}
+                "changed": _changed(cand, state.program_candidates[parents[0]] if parents else None),
+            }
         self.write_candidates(best)
 
 
@@ -354,9 +425,14 @@ def _outputs_summary(outputs) -> list[Any]:
     out = []
     for o in outputs or []:
         try:
-            out.append({"weights": jsonable(dict(o.get("weights") or {})),
-                        "failed_features": sorted(dict(o.get("failed_features") or {})),
-                        "flags": jsonable(o.get("flags") or []), "parse_failures": o.get("parse_failures")})
+            out.append(
+                {
+                    "weights": jsonable(dict(o.get("weights") or {})),
+                    "failed_features": sorted(dict(o.get("failed_features") or {})),
+                    "flags": jsonable(o.get("flags") or []),
+                    "parse_failures": o.get("parse_failures"),
+                }
+            )
         except Exception:
             out.append(None)
     return out

@@ -55,27 +55,39 @@ def select_split(recipe: Recipe, prep: Prepared, recipe_path: str | Path) -> Spl
             if a not in data.ad_index:
                 raise DataError(f"unknown ad id '{a}'", file=file, field=f"split.{part}_ids")
             if a not in retired:
-                raise DataError(f"ad '{a}' is not a retired ad with a trained model (only those can be "
-                                "scored against trained weights)", file=file, field=f"split.{part}_ids")
+                raise DataError(
+                    f"ad '{a}' is not a retired ad with a trained model (only those can be "
+                    "scored against trained weights)",
+                    file=file,
+                    field=f"split.{part}_ids",
+                )
             if a not in ok_set:
                 n, c = test_counts(prep, a)
-                raise DataError(f"ad '{a}' has {c} clicks in {n} test-user impressions; it needs at least "
-                                f"{s.min_test_clicks} clicks and {s.min_test_nonclicks} non-clicks",
-                                file=file, field=f"split.{part}_ids")
+                raise DataError(
+                    f"ad '{a}' has {c} clicks in {n} test-user impressions; it needs at least "
+                    f"{s.min_test_clicks} clicks and {s.min_test_nonclicks} non-clicks",
+                    file=file,
+                    field=f"split.{part}_ids",
+                )
     taken = set(s.train_ids or []) | set(s.val_ids or [])
     pool = [a for a in ok if a not in taken]
     need = (0 if s.val_ids else recipe.n_val) + (0 if s.train_ids else recipe.n_train)
     if need > len(pool):
-        raise DataError(f"only {len(pool)} more retired ads have >= {s.min_test_clicks} test clicks and >= "
-                        f"{s.min_test_nonclicks} test non-clicks, but {need} are asked for",
-                        file=file, field="split")
+        raise DataError(
+            f"only {len(pool)} more retired ads have >= {s.min_test_clicks} test clicks and >= "
+            f"{s.min_test_nonclicks} test non-clicks, but {need} are asked for",
+            file=file,
+            field="split",
+        )
     seed = recipe.data.seed if s.seed is None else s.seed
     order = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]
     val = list(s.val_ids) if s.val_ids else order[: recipe.n_val]
     rest = order[recipe.n_val :] if not s.val_ids else order
     train = list(s.train_ids) if s.train_ids else rest[: recipe.n_train]
-    rule = (f"retired ads with >= {s.min_test_clicks} clicks and >= {s.min_test_nonclicks} non-clicks among "
-            f"test users; seeded draw (seed {seed}), val first")
+    rule = (
+        f"retired ads with >= {s.min_test_clicks} clicks and >= {s.min_test_nonclicks} non-clicks among "
+        f"test users; seeded draw (seed {seed}), val first"
+    )
     return Split(train, val, len(ok), rule)
 
 
@@ -94,6 +106,12 @@ def register_ads(prep: Prepared, ad_ids: list[str]) -> None:
 def make_examples(prep: Prepared, ad_ids: list[str], captions: dict[str, str]) -> list[dspy.Example]:
     """dspy.Examples: inputs ad/examples/features (as in `generate`), label ad_id."""
     features = [f.model_dump() for f in prep.data.features]
-    return [dspy.Example(ad=ad_view(prep, a, captions), examples=demonstrations(prep, a, captions),
-                         features=features, ad_id=a).with_inputs("ad", "examples", "features")
-            for a in ad_ids]
+    return [
+        dspy.Example(
+            ad=ad_view(prep, a, captions),
+            examples=demonstrations(prep, a, captions),
+            features=features,
+            ad_id=a,
+        ).with_inputs("ad", "examples", "features")
+        for a in ad_ids
+    ]

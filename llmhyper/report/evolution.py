@@ -23,7 +23,9 @@ def _label(evo: Evolution, c: dict[str, Any]) -> str:
     how = origin(c)
     it = c.get("iteration")
     where = f", iteration {it}" if it not in (None, 0) else ""
-    return f"#{c['id']}  {_score(c.get('val_score'))}  {how}{where}" + (f"  [{', '.join(marks)}]" if marks else "")
+    return f"#{c['id']}  {_score(c.get('val_score'))}  {how}{where}" + (
+        f"  [{', '.join(marks)}]" if marks else ""
+    )
 
 
 def lineage_lines(evo: Evolution) -> list[str]:
@@ -68,8 +70,10 @@ def iteration_lines(evo: Evolution) -> list[str]:
         outcome = it.get("outcome", "?")
         if it.get("new_candidate") is not None and outcome in ("accepted", "merged"):
             outcome += f" -> #{it['new_candidate']} (val {_score(it.get('val_score'))})"
-        out.append(f"  {it.get('iteration', '?'):3}  {it.get('parent', '-')!s:>6}  "
-                   f"{','.join(it.get('minibatch') or []):<22.22} {before or '-':>8} -> {after or '-':<8}  {outcome}")
+        out.append(
+            f"  {it.get('iteration', '?'):3}  {it.get('parent', '-')!s:>6}  "
+            f"{','.join(it.get('minibatch') or []):<22.22} {before or '-':>8} -> {after or '-':<8}  {outcome}"
+        )
     return out
 
 
@@ -78,17 +82,25 @@ def render_text(evo: Evolution, candidate: int | None = None, all_diffs: bool = 
     head = [f"Evolution of {evo.name}  ({evo.folder})"]
     if m:
         b = m.get("budget", {})
-        head.append(f"val score {m.get('val_score_before')} -> {m.get('val_score_after')}; "
-                    f"{b.get('metric_calls_used')} of {b.get('max_metric_calls')} metric calls; "
-                    f"wall {m.get('wall_seconds')} s; task LM {m.get('lms', {}).get('task', {}).get('model')}, "
-                    f"reflection LM {m.get('lms', {}).get('reflection', {}).get('model')}")
+        head.append(
+            f"val score {m.get('val_score_before')} -> {m.get('val_score_after')}; "
+            f"{b.get('metric_calls_used')} of {b.get('max_metric_calls')} metric calls; "
+            f"wall {m.get('wall_seconds')} s; task LM {m.get('lms', {}).get('task', {}).get('model')}, "
+            f"reflection LM {m.get('lms', {}).get('reflection', {}).get('model')}"
+        )
     else:
         head.append("(no manifest yet: the compile is running or was stopped)")
     head.append(f"train ads: {', '.join(evo.train_ads)}")
     head.append(f"val ads:   {', '.join(evo.val_ads)}")
-    parts = ["\n".join(head), "Lineage (val score; [pareto] = best on some val ad)", "\n".join(lineage_lines(evo)),
-             "Best validation score so far (by metric calls spent)", "\n".join(curve_lines(evo)),
-             "Iterations", "\n".join(iteration_lines(evo))]
+    parts = [
+        "\n".join(head),
+        "Lineage (val score; [pareto] = best on some val ad)",
+        "\n".join(lineage_lines(evo)),
+        "Best validation score so far (by metric calls spent)",
+        "\n".join(curve_lines(evo)),
+        "Iterations",
+        "\n".join(iteration_lines(evo)),
+    ]
     if all_diffs:
         ids = [c["id"] for c in evo.candidates if c.get("parents")]
     elif candidate is not None:
@@ -177,9 +189,11 @@ def _tree_html(evo: Evolution) -> str:
         it = c.get("iteration")
         title = f"iteration {it}; discovered after {c.get('discovered_at_metric_calls')} metric calls"
         sub = "".join(node(k) for k in kids.get(idx, []))
-        return (f'<li><span class="{" ".join(cls)}" id="cand-{idx}" data-candidate="{idx}" title="{_esc(title)}">'
-                f'#{idx}<span class="score">{_esc(_score(c.get("val_score")))}</span>'
-                f'<span class="how">{_esc(how)}</span></span>' + (f"<ul>{sub}</ul>" if sub else "") + "</li>")
+        return (
+            f'<li><span class="{" ".join(cls)}" id="cand-{idx}" data-candidate="{idx}" title="{_esc(title)}">'
+            f'#{idx}<span class="score">{_esc(_score(c.get("val_score")))}</span>'
+            f'<span class="how">{_esc(how)}</span></span>' + (f"<ul>{sub}</ul>" if sub else "") + "</li>"
+        )
 
     return '<ul class="tree">' + "".join(node(r) for r in evo.roots()) + "</ul>"
 
@@ -201,20 +215,28 @@ def _svg_plot(evo: Evolution, w: int = 720, h: int = 300) -> str:
     def Y(v: float) -> float:
         return h - pad_b - (h - pad_t - pad_b) * (v - ylo) / (yhi - ylo)
 
-    parts = [(f'<svg id="score-plot" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
-              'aria-label="validation score of each candidate and the best so far, by metric calls spent">')]
+    parts = [
+        (
+            f'<svg id="score-plot" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+            'aria-label="validation score of each candidate and the best so far, by metric calls spent">'
+        )
+    ]
     for k in range(6):
         v = ylo + (yhi - ylo) * k / 5
-        parts.append(f'<line class="grid" x1="{pad_l}" x2="{w - pad_r}" y1="{Y(v):.1f}" y2="{Y(v):.1f}"/>'
-                     f'<text x="{pad_l - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+        parts.append(
+            f'<line class="grid" x1="{pad_l}" x2="{w - pad_r}" y1="{Y(v):.1f}" y2="{Y(v):.1f}"/>'
+            f'<text x="{pad_l - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>'
+        )
     for k in range(6):
         v = xmax * k / 5
         parts.append(f'<text x="{X(v):.1f}" y="{h - pad_b + 16}" text-anchor="middle">{v:.0f}</text>')
-    parts.append(f'<line class="axis" x1="{pad_l}" x2="{w - pad_r}" y1="{h - pad_b}" y2="{h - pad_b}"/>'
-                 f'<line class="axis" x1="{pad_l}" x2="{pad_l}" y1="{pad_t}" y2="{h - pad_b}"/>'
-                 f'<text x="{(w + pad_l) / 2:.0f}" y="{h - 6}" text-anchor="middle">metric calls spent</text>'
-                 f'<text x="14" y="{(h - pad_b) / 2:.0f}" transform="rotate(-90 14 {(h - pad_b) / 2:.0f})" '
-                 f'text-anchor="middle">val score</text>')
+    parts.append(
+        f'<line class="axis" x1="{pad_l}" x2="{w - pad_r}" y1="{h - pad_b}" y2="{h - pad_b}"/>'
+        f'<line class="axis" x1="{pad_l}" x2="{pad_l}" y1="{pad_t}" y2="{h - pad_b}"/>'
+        f'<text x="{(w + pad_l) / 2:.0f}" y="{h - 6}" text-anchor="middle">metric calls spent</text>'
+        f'<text x="14" y="{(h - pad_b) / 2:.0f}" transform="rotate(-90 14 {(h - pad_b) / 2:.0f})" '
+        f'text-anchor="middle">val score</text>'
+    )
     pts = best_so_far(evo)
     if pts:
         path, last = [], None
@@ -228,8 +250,10 @@ def _svg_plot(evo: Evolution, w: int = 720, h: int = 300) -> str:
     for c in cands:
         cls = "candidate best" if c["id"] == evo.best else "candidate"
         cx = X(c.get("discovered_at_metric_calls") or 0)
-        parts.append(f'<circle class="{cls}" data-candidate="{c["id"]}" cx="{cx:.1f}" cy="{Y(c["val_score"]):.1f}" '
-                     f'r="5"><title>candidate {c["id"]}: val {c["val_score"]:.4f}</title></circle>')
+        parts.append(
+            f'<circle class="{cls}" data-candidate="{c["id"]}" cx="{cx:.1f}" cy="{Y(c["val_score"]):.1f}" '
+            f'r="5"><title>candidate {c["id"]}: val {c["val_score"]:.4f}</title></circle>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -237,8 +261,17 @@ def _svg_plot(evo: Evolution, w: int = 720, h: int = 300) -> str:
 def _diff_html(text: str) -> str:
     out = []
     for line in text.splitlines():
-        cls = ("file" if line.startswith(("---", "+++")) else "hunk" if line.startswith("@@") else
-               "add" if line.startswith("+") else "del" if line.startswith("-") else "")
+        cls = (
+            "file"
+            if line.startswith(("---", "+++"))
+            else "hunk"
+            if line.startswith("@@")
+            else "add"
+            if line.startswith("+")
+            else "del"
+            if line.startswith("-")
+            else ""
+        )
         out.append(f'<span class="{cls or "ctx"}">{_esc(line) or " "}</span>')
     return '<pre class="diff">' + "".join(out) + "</pre>"  # one block span per line, no newline text between
 
@@ -248,21 +281,29 @@ def render_html(evo: Evolution) -> str:
     b = m.get("budget", {})
     meta = []
     if m:
-        meta.append(f"val score <b>{_esc(m.get('val_score_before'))}</b> &rarr; "
-                    f"<b>{_esc(m.get('val_score_after'))}</b>")
+        meta.append(
+            f"val score <b>{_esc(m.get('val_score_before'))}</b> &rarr; "
+            f"<b>{_esc(m.get('val_score_after'))}</b>"
+        )
         meta.append(f"{_esc(b.get('metric_calls_used'))} of {_esc(b.get('max_metric_calls'))} metric calls")
         meta.append(f"wall {_esc(m.get('wall_seconds'))} s")
-        meta.append(f"task LM {_esc(m.get('lms', {}).get('task', {}).get('model'))}, reflection LM "
-                    f"{_esc(m.get('lms', {}).get('reflection', {}).get('model'))}")
+        meta.append(
+            f"task LM {_esc(m.get('lms', {}).get('task', {}).get('model'))}, reflection LM "
+            f"{_esc(m.get('lms', {}).get('reflection', {}).get('model'))}"
+        )
     meta.append(f"{len(evo.candidates)} candidates")
     diffs = []
     for c in evo.candidates:
         if not c.get("parents"):
             continue
-        summary = (f"#{c['id']} vs parent {' + '.join('#' + str(p) for p in c['parents'])}: "
-                   f"val {_score(c.get('val_score'))} (changed {', '.join(c.get('changed') or []) or 'nothing'})")
-        diffs.append(f'<details id="diff-{c["id"]}"{" open" if c["id"] == evo.best else ""}>'
-                     f"<summary>{_esc(summary)}</summary>{_diff_html(instruction_diff(evo, c['id']))}</details>")
+        summary = (
+            f"#{c['id']} vs parent {' + '.join('#' + str(p) for p in c['parents'])}: "
+            f"val {_score(c.get('val_score'))} (changed {', '.join(c.get('changed') or []) or 'nothing'})"
+        )
+        diffs.append(
+            f'<details id="diff-{c["id"]}"{" open" if c["id"] == evo.best else ""}>'
+            f"<summary>{_esc(summary)}</summary>{_diff_html(instruction_diff(evo, c['id']))}</details>"
+        )
     rows = []
     for it in evo.iterations:
         fb = []
@@ -271,25 +312,34 @@ def render_html(evo: Evolution) -> str:
                 fb.append(f'<div class="fb"><b>{_esc(comp)}</b>: {_esc(f)}</div>')
         new = it.get("new_candidate")
         rows.append(
-            f"<tr><td class=\"num\">{_esc(it.get('iteration'))}</td><td>#{_esc(it.get('parent', '-'))}</td>"
+            f'<tr><td class="num">{_esc(it.get("iteration"))}</td><td>#{_esc(it.get("parent", "-"))}</td>'
             f"<td>{_esc(', '.join(it.get('minibatch') or []))}</td>"
-            f"<td class=\"num\">{_esc(', '.join(_score(s).strip() for s in it.get('parent_scores') or []))}</td>"
-            f"<td class=\"num\">{_esc(', '.join(_score(s).strip() for s in it.get('new_scores') or []))}</td>"
+            f'<td class="num">{_esc(", ".join(_score(s).strip() for s in it.get("parent_scores") or []))}</td>'
+            f'<td class="num">{_esc(", ".join(_score(s).strip() for s in it.get("new_scores") or []))}</td>'
             f"<td>{_esc(it.get('outcome', '?'))}{(' &rarr; #' + _esc(new)) if new is not None else ''}"
             f"{('<br><small>' + _esc(it.get('reason')) + '</small>') if it.get('reason') else ''}</td>"
-            f"<td>{''.join(fb)}</td></tr>")
-    table = ("<table><thead><tr><th>it</th><th>parent</th><th>minibatch</th><th>before</th><th>after</th>"
-             "<th>outcome</th><th>feedback shown to the reflection LM</th></tr></thead><tbody>"
-             + "".join(rows) + "</tbody></table>") if rows else "<p>No iteration finished yet.</p>"
+            f"<td>{''.join(fb)}</td></tr>"
+        )
+    table = (
+        (
+            "<table><thead><tr><th>it</th><th>parent</th><th>minibatch</th><th>before</th><th>after</th>"
+            "<th>outcome</th><th>feedback shown to the reflection LM</th></tr></thead><tbody>"
+            + "".join(rows)
+            + "</tbody></table>"
+        )
+        if rows
+        else "<p>No iteration finished yet.</p>"
+    )
     return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>Evolution of {_esc(evo.name)}</title><style>{CSS}</style></head><body>"
-        f"<h1>Prompt evolution: {_esc(evo.name)}</h1><p class=\"meta\">{' &middot; '.join(meta)}</p>"
-        f"<p class=\"meta\">train ads: {_esc(', '.join(evo.train_ads))}<br>val ads: {_esc(', '.join(evo.val_ads))}</p>"
-        f"<section id=\"lineage\"><h2>Lineage</h2><p class=\"meta\">Click a candidate to open its instruction diff. "
+        f'<h1>Prompt evolution: {_esc(evo.name)}</h1><p class="meta">{" &middot; ".join(meta)}</p>'
+        f'<p class="meta">train ads: {_esc(", ".join(evo.train_ads))}<br>val ads: {_esc(", ".join(evo.val_ads))}</p>'
+        f'<section id="lineage"><h2>Lineage</h2><p class="meta">Click a candidate to open its instruction diff. '
         f"Green: best on the val ads; blue edge: on the Pareto front (best on at least one val ad).</p>"
         f"{_tree_html(evo)}</section>"
-        f"<section id=\"scores\"><h2>Validation score</h2>{_svg_plot(evo)}</section>"
-        f"<section id=\"diffs\"><h2>Instruction changes</h2>{''.join(diffs) or '<p>No candidate beyond the seed.</p>'}"
-        f"</section><section id=\"iterations\"><h2>Iterations</h2>{table}</section>"
-        f"<script>{JS}</script></body></html>\n")
+        f'<section id="scores"><h2>Validation score</h2>{_svg_plot(evo)}</section>'
+        f'<section id="diffs"><h2>Instruction changes</h2>{"".join(diffs) or "<p>No candidate beyond the seed.</p>"}'
+        f'</section><section id="iterations"><h2>Iterations</h2>{table}</section>'
+        f"<script>{JS}</script></body></html>\n"
+    )

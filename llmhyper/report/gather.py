@@ -17,8 +17,15 @@ from llmhyper.store import read_json
 from llmhyper.weights import WeightTable
 
 METRIC_KEYS = ("ad_auc", "auc", "ndcg10")
-METRIC_NAMES = {"ad_auc": "ad-AUC", "auc": "AUC", "ndcg10": "NDCG@10", "ndcg5": "NDCG@5",
-                "logloss": "log loss", "ece": "ECE", "calib_ratio": "pred/obs CTR"}
+METRIC_NAMES = {
+    "ad_auc": "ad-AUC",
+    "auc": "AUC",
+    "ndcg10": "NDCG@10",
+    "ndcg5": "NDCG@5",
+    "logloss": "log loss",
+    "ece": "ECE",
+    "calib_ratio": "pred/obs CTR",
+}
 
 
 def run_name(run: Path, taken: set[str]) -> str:
@@ -35,8 +42,11 @@ def calibration_bins(Y: np.ndarray, P: np.ndarray, M: np.ndarray, n_bins: int = 
     if not p.size:
         return []
     order = np.argsort(p, kind="stable")
-    return [{"pred": float(p[c].mean()), "obs": float(y[c].mean()), "n": int(c.size)}
-            for c in np.array_split(order, min(n_bins, p.size)) if c.size]
+    return [
+        {"pred": float(p[c].mean()), "obs": float(y[c].mean()), "n": int(c.size)}
+        for c in np.array_split(order, min(n_bins, p.size))
+        if c.size
+    ]
 
 
 def load_summary(folder: str | Path | None, name: str) -> dict[str, Any] | None:
@@ -61,13 +71,21 @@ def _runs(runs: list[str | Path], names: list[str]) -> tuple[dict[str, WeightTab
         tables[name] = WeightTable.load(run.weights_dir).aligned(names)
         manifest = run.manifest()
         lm = (manifest.get("lm") or {}).get("model") or (manifest.get("config") or {}).get("lm")
-        info.append({"name": name, "path": str(run.path), "lm": lm,
-                     "totals": manifest.get("totals", {}), "config": manifest.get("config", {})})
+        info.append(
+            {
+                "name": name,
+                "path": str(run.path),
+                "lm": lm,
+                "totals": manifest.get("totals", {}),
+                "config": manifest.get("config", {}),
+            }
+        )
     return tables, info
 
 
-def _heatmap(data, tables: dict[str, WeightTable], lr_warm: WeightTable, ads_lr: list[str],
-             max_ads: int) -> dict[str, Any]:
+def _heatmap(
+    data, tables: dict[str, WeightTable], lr_warm: WeightTable, ads_lr: list[str], max_ads: int
+) -> dict[str, Any]:
     """Ads x features of LR_warm and of each run (rows L2-normalised), the first `max_ads` ads every panel
     has; the per-ad cosine between each run and LR_warm covers every ad, not just the rows shown."""
     shown = ads_lr[:max_ads]
@@ -78,24 +96,42 @@ def _heatmap(data, tables: dict[str, WeightTable], lr_warm: WeightTable, ads_lr:
         m = l2_normalize_rows(t.subset(ads_lr).theta)
         panels.append({"name": f"{n} (generated, normalised)", "matrix": m[: len(shown)].round(4).tolist()})
         cosines[n] = (m * lr_all).sum(axis=1).round(4).tolist()
-    return {"ads": shown, "titles": [data.ad_by_id[a].title for a in shown],
-            "features": list(data.feature_names), "panels": panels, "cosine_vs_lr_warm": cosines,
-            "n_ads_total": len(ads_lr)}
+    return {
+        "ads": shown,
+        "titles": [data.ad_by_id[a].title for a in shown],
+        "features": list(data.feature_names),
+        "panels": panels,
+        "cosine_vs_lr_warm": cosines,
+        "n_ads_total": len(ads_lr),
+    }
 
 
 def _from_evaluate(result: dict[str, Any]) -> dict[str, Any]:
     rows = result["methods"]
-    return {"source": "evaluate JSON", "n_ads": result.get("n_ads"),
-            "n_test_users": result.get("n_test_users"), "n_boot": result.get("n_boot"),
-            "methods": {n: {k: row[k] for k in METRIC_KEYS if k in row} for n, row in rows.items()},
-            "vs_bar": {n: row[k] for n, row in rows.items() for k in row if k.startswith("vs_")},
-            "bar": next((k[3:] for row in rows.values() for k in row if k.startswith("vs_")), None)}
+    return {
+        "source": "evaluate JSON",
+        "n_ads": result.get("n_ads"),
+        "n_test_users": result.get("n_test_users"),
+        "n_boot": result.get("n_boot"),
+        "methods": {n: {k: row[k] for k in METRIC_KEYS if k in row} for n, row in rows.items()},
+        "vs_bar": {n: row[k] for n, row in rows.items() for k in row if k.startswith("vs_")},
+        "bar": next((k[3:] for row in rows.values() for k in row if k.startswith("vs_")), None),
+    }
 
 
-def gather(data, runs: list[str | Path], *, eval_result: dict[str, Any] | None = None,
-           explain: dict[str, Any] | None = None, robustness: dict[str, Any] | None = None,
-           ablation: dict[str, Any] | None = None, lr_warm: WeightTable | None = None, max_ads: int = 60,
-           n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+def gather(
+    data,
+    runs: list[str | Path],
+    *,
+    eval_result: dict[str, Any] | None = None,
+    explain: dict[str, Any] | None = None,
+    robustness: dict[str, Any] | None = None,
+    ablation: dict[str, Any] | None = None,
+    lr_warm: WeightTable | None = None,
+    max_ads: int = 60,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Everything the page shows, as plain data (JSON-able)."""
     if not runs:
         raise LLMHyperError("give at least one run (--runs)")
@@ -117,9 +153,13 @@ def gather(data, runs: list[str | Path], *, eval_result: dict[str, Any] | None =
     for n, t in methods.items():
         _, Y, M = data.block(users, t.ad_ids)
         P = t.predict(data.X[users])
-        calibration[n] = {"bins": calibration_bins(Y, P, M), "ece": float(ece(Y, P, M)),
-                          "mean_pred": float(P[M].mean()), "mean_obs": float(Y[M].mean()),
-                          "ads": len(t.ad_ids)}
+        calibration[n] = {
+            "bins": calibration_bins(Y, P, M),
+            "ece": float(ece(Y, P, M)),
+            "mean_pred": float(P[M].mean()),
+            "mean_obs": float(Y[M].mean()),
+            "ads": len(t.ad_ids),
+        }
         if eval_result is None:
             computed[n] = {}
             for key in METRIC_KEYS:
@@ -128,8 +168,23 @@ def gather(data, runs: list[str | Path], *, eval_result: dict[str, Any] | None =
     if eval_result is not None:
         metrics = _from_evaluate(eval_result)
     else:
-        metrics = {"source": "computed by the report (LR_warm and the runs only)", "n_ads": len(ads),
-                   "n_test_users": int(len(users)), "n_boot": n_boot, "methods": computed, "vs_bar": {}}
-    return {"dataset": data.name, "runs": run_info, "first_run": next(iter(tables)), "n_ads": len(ads),
-            "metrics": metrics, "heatmap": heatmap, "calibration": calibration, "explain": explain,
-            "robustness": robustness, "ablation": ablation}
+        metrics = {
+            "source": "computed by the report (LR_warm and the runs only)",
+            "n_ads": len(ads),
+            "n_test_users": int(len(users)),
+            "n_boot": n_boot,
+            "methods": computed,
+            "vs_bar": {},
+        }
+    return {
+        "dataset": data.name,
+        "runs": run_info,
+        "first_run": next(iter(tables)),
+        "n_ads": len(ads),
+        "metrics": metrics,
+        "heatmap": heatmap,
+        "calibration": calibration,
+        "explain": explain,
+        "robustness": robustness,
+        "ablation": ablation,
+    }

@@ -18,9 +18,11 @@ from llmhyper.trust.robustness import example_rows, robustness_rows
 
 Table = tuple[list[str], list[list[str]]]
 STUDIES = ("explain", "robustness", "ablation")
-HOWTO = {"explain": "llmhyper trust explain --run RUN --out EXPLAIN",
-         "robustness": "llmhyper trust robustness --run RUN --out ROBUSTNESS",
-         "ablation": "llmhyper trust ablate --run RUN --reuse full=RUN --out ABLATION"}
+HOWTO = {
+    "explain": "llmhyper trust explain --run RUN --out EXPLAIN",
+    "robustness": "llmhyper trust robustness --run RUN --out ROBUSTNESS",
+    "ablation": "llmhyper trust ablate --run RUN --reuse full=RUN --out ABLATION",
+}
 
 # -- tables (shared by HTML and Markdown) -----------------------------------------------------------
 
@@ -40,9 +42,17 @@ def metric_rows(rep: dict[str, Any]) -> Table:
 
 def calibration_rows(rep: dict[str, Any]) -> Table:
     head = ["method", "ads", "mean predicted CTR", "observed CTR", "ECE", "bins (predicted → observed)"]
-    rows = [[n, str(c["ads"]), f"{c['mean_pred']:.3f}", f"{c['mean_obs']:.3f}", f"{c['ece']:.3f}",
-             "; ".join(f"{b['pred']:.3f}→{b['obs']:.3f}" for b in c["bins"])]
-            for n, c in rep["calibration"].items()]
+    rows = [
+        [
+            n,
+            str(c["ads"]),
+            f"{c['mean_pred']:.3f}",
+            f"{c['mean_obs']:.3f}",
+            f"{c['ece']:.3f}",
+            "; ".join(f"{b['pred']:.3f}→{b['obs']:.3f}" for b in c["bins"]),
+        ]
+        for n, c in rep["calibration"].items()
+    ]
     return head, rows
 
 
@@ -61,9 +71,17 @@ def run_rows(rep: dict[str, Any]) -> Table:
     for r in rep["runs"]:
         t = r["totals"]
         counts = " / ".join(str(t.get(k, "—")) for k in ("ads_ok", "ads_partial", "ads_failed"))
-        rows.append([r["name"], r["path"], str(r["lm"] or "—"), counts,
-                     str(t.get("weight_calls", "—")), str(t.get("parse_failures", "—")),
-                     str(t.get("seconds", "—"))])
+        rows.append(
+            [
+                r["name"],
+                r["path"],
+                str(r["lm"] or "—"),
+                counts,
+                str(t.get("weight_calls", "—")),
+                str(t.get("parse_failures", "—")),
+                str(t.get("seconds", "—")),
+            ]
+        )
     return head, rows
 
 
@@ -97,9 +115,11 @@ svg.heatmap text.col{font-size:8px}svg.heatmap text.row{font-size:9px}
 .note{color:#555;font-size:13px}.missing{color:#8a6d3b;background:#fcf8e3;padding:6px 10px;font-size:13px}
 code{background:#f3f3f3;padding:1px 4px}
 """
-HTML_TITLES = {"explain": "Explainability: top-5 features vs ground truth, Consistency Rate",
-               "robustness": "Counterfactual robustness: direction accuracy",
-               "ablation": "Ablations: shots, image caption, titles"}
+HTML_TITLES = {
+    "explain": "Explainability: top-5 features vs ground truth, Consistency Rate",
+    "robustness": "Counterfactual robustness: direction accuracy",
+    "ablation": "Ablations: shots, image caption, titles",
+}
 MD_TITLES = {"explain": "Explainability", "robustness": "Counterfactual robustness", "ablation": "Ablations"}
 
 
@@ -116,47 +136,71 @@ def _heatmaps(hm: dict[str, Any]) -> tuple[float, str]:
     vmax = float(np.percentile(scale, 98)) if scale is not None else 1.0
     vmax = vmax if vmax > 0 else 1.0
     labels = [f"{a} {t}" for a, t in zip(hm["ads"], hm["titles"], strict=True)]
-    panels = "".join(f'<div class="panel"><h3>{esc(p["name"])}</h3>'
-                     f"{heatmap_svg(p, hm['features'], labels, vmax, row_labels=(i == 0))}</div>"
-                     for i, p in enumerate(hm["panels"]))
+    panels = "".join(
+        f'<div class="panel"><h3>{esc(p["name"])}</h3>'
+        f"{heatmap_svg(p, hm['features'], labels, vmax, row_labels=(i == 0))}</div>"
+        for i, p in enumerate(hm["panels"])
+    )
     return vmax, panels
 
 
 def render_html(rep: dict[str, Any]) -> str:
     hm, m = rep["heatmap"], rep["metrics"]
     vmax, panels = _heatmaps(hm)
-    bars = "".join(bars_svg(k, [(n, row[k]["value"], row[k].get("lo"), row[k].get("hi"))
-                                for n, row in m["methods"].items()
-                                if k in row and row[k].get("value") is not None])
-                   for k in METRIC_KEYS)
+    bars = "".join(
+        bars_svg(
+            k,
+            [
+                (n, row[k]["value"], row[k].get("lo"), row[k].get("hi"))
+                for n, row in m["methods"].items()
+                if k in row and row[k].get("value") is not None
+            ],
+        )
+        for k in METRIC_KEYS
+    )
     studies = study_tables(rep)
     sec = []
     for key, title in HTML_TITLES.items():
-        body = ("".join(html_table(h, r, key) for h, r in studies[key]) if studies[key]
-                else f'<p class="missing">not given: run <code>{esc(HOWTO[key])}</code> and pass '
-                     f"<code>--{key} FOLDER</code></p>")
+        body = (
+            "".join(html_table(h, r, key) for h, r in studies[key])
+            if studies[key]
+            else f'<p class="missing">not given: run <code>{esc(HOWTO[key])}</code> and pass '
+            f"<code>--{key} FOLDER</code></p>"
+        )
         sec.append(f'<section id="{key}"><h2>{esc(title)}</h2>{body}</section>')
-    return "".join([
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>LLM-HYPER report: {esc(rep['dataset'])}</title><style>{CSS}</style></head><body>",
-        f"<h1>LLM-HYPER report: {esc(rep['dataset'])}</h1>",
-        f'<p class="note">{rep["n_ads"]} cold ads covered by every run. Everything on this page is '
-        "inline (no scripts, no external resources).</p>",
-        '<section id="runs"><h2>Runs</h2>', html_table(*run_rows(rep), "runs"), "</section>",
-        '<section id="metrics"><h2>Metrics (95% intervals)</h2>',
-        f'<p class="note">Source: {esc(m["source"])}; {m.get("n_test_users")} test users x '
-        f"{m.get('n_ads')} ads, {m.get('n_boot')} bootstrap resamples of users.</p>",
-        f'<div class="panels">{bars}</div>', html_table(*metric_rows(rep), "metrics"), "</section>",
-        '<section id="weights"><h2>Generated vs trained weights</h2>',
-        f'<p class="note">Ads x features ({len(hm["ads"])} of {hm["n_ads_total"]} ads shown); each row '
-        f"scaled to unit L2 norm; colour scale clipped at ±{vmax:.2f} (98th percentile of |w|). Red: users "
-        "with more of the feature click more; blue: less.</p>",
-        colour_bar_svg(vmax), f'<div class="panels">{panels}</div>', html_table(*heatmap_rows(rep), "cosine"),
-        "</section>",
-        '<section id="calibration"><h2>Calibration on the test users</h2>',
-        calibration_svg(rep["calibration"]), html_table(*calibration_rows(rep), "calibration"), "</section>",
-        *sec, "</body></html>"])
+    return "".join(
+        [
+            '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>LLM-HYPER report: {esc(rep['dataset'])}</title><style>{CSS}</style></head><body>",
+            f"<h1>LLM-HYPER report: {esc(rep['dataset'])}</h1>",
+            f'<p class="note">{rep["n_ads"]} cold ads covered by every run. Everything on this page is '
+            "inline (no scripts, no external resources).</p>",
+            '<section id="runs"><h2>Runs</h2>',
+            html_table(*run_rows(rep), "runs"),
+            "</section>",
+            '<section id="metrics"><h2>Metrics (95% intervals)</h2>',
+            f'<p class="note">Source: {esc(m["source"])}; {m.get("n_test_users")} test users x '
+            f"{m.get('n_ads')} ads, {m.get('n_boot')} bootstrap resamples of users.</p>",
+            f'<div class="panels">{bars}</div>',
+            html_table(*metric_rows(rep), "metrics"),
+            "</section>",
+            '<section id="weights"><h2>Generated vs trained weights</h2>',
+            f'<p class="note">Ads x features ({len(hm["ads"])} of {hm["n_ads_total"]} ads shown); each row '
+            f"scaled to unit L2 norm; colour scale clipped at ±{vmax:.2f} (98th percentile of |w|). Red: users "
+            "with more of the feature click more; blue: less.</p>",
+            colour_bar_svg(vmax),
+            f'<div class="panels">{panels}</div>',
+            html_table(*heatmap_rows(rep), "cosine"),
+            "</section>",
+            '<section id="calibration"><h2>Calibration on the test users</h2>',
+            calibration_svg(rep["calibration"]),
+            html_table(*calibration_rows(rep), "calibration"),
+            "</section>",
+            *sec,
+            "</body></html>",
+        ]
+    )
 
 
 # -- Markdown ---------------------------------------------------------------------------------------
@@ -164,15 +208,33 @@ def render_html(rep: dict[str, Any]) -> str:
 
 def render_markdown(rep: dict[str, Any]) -> str:
     m = rep["metrics"]
-    out = [f"# LLM-HYPER report: {rep['dataset']}", "", f"{rep['n_ads']} cold ads covered by every run.", "",
-           "## Runs", "", md_table(*run_rows(rep)), "",
-           "## Metrics (95% intervals)", "",
-           f"Source: {m['source']}; {m.get('n_test_users')} test users x {m.get('n_ads')} ads, "
-           f"{m.get('n_boot')} bootstrap resamples of users.", "", md_table(*metric_rows(rep)), "",
-           "## Generated vs trained weights", "",
-           "Per-ad cosine between the generated weights and LR_warm's (the heatmap is in the HTML page).", "",
-           md_table(*heatmap_rows(rep)), "",
-           "## Calibration on the test users", "", md_table(*calibration_rows(rep)), ""]
+    out = [
+        f"# LLM-HYPER report: {rep['dataset']}",
+        "",
+        f"{rep['n_ads']} cold ads covered by every run.",
+        "",
+        "## Runs",
+        "",
+        md_table(*run_rows(rep)),
+        "",
+        "## Metrics (95% intervals)",
+        "",
+        f"Source: {m['source']}; {m.get('n_test_users')} test users x {m.get('n_ads')} ads, "
+        f"{m.get('n_boot')} bootstrap resamples of users.",
+        "",
+        md_table(*metric_rows(rep)),
+        "",
+        "## Generated vs trained weights",
+        "",
+        "Per-ad cosine between the generated weights and LR_warm's (the heatmap is in the HTML page).",
+        "",
+        md_table(*heatmap_rows(rep)),
+        "",
+        "## Calibration on the test users",
+        "",
+        md_table(*calibration_rows(rep)),
+        "",
+    ]
     studies = study_tables(rep)
     for key, title in MD_TITLES.items():
         out += [f"## {title}", ""]

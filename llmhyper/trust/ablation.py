@@ -35,8 +35,21 @@ from llmhyper.weights import WeightTable
 
 BAR = "knn_cal"
 # settings a reused run must share with the ablation (those present in both configs are compared)
-SAME = ("dataset", "seed", "k", "encoder", "lm", "judge_lm", "api_base", "program_sha256", "batch_size",
-        "samples", "judge", "temperature", "max_tokens")
+SAME = (
+    "dataset",
+    "seed",
+    "k",
+    "encoder",
+    "lm",
+    "judge_lm",
+    "api_base",
+    "program_sha256",
+    "batch_size",
+    "samples",
+    "judge",
+    "temperature",
+    "max_tokens",
+)
 METRICS = ("ad_auc", "auc", "ndcg10")
 HEAD = {"ad_auc": "ad-AUC", "auc": "AUC", "ndcg10": "NDCG@10"}
 
@@ -49,17 +62,29 @@ class Variant:
     hide_titles: bool = False
 
     def describe(self) -> str:
-        return ", ".join([f"{self.shots} shots", "caption" if self.caption else "no caption",
-                          "titles hidden" if self.hide_titles else "titles"])
+        return ", ".join(
+            [
+                f"{self.shots} shots",
+                "caption" if self.caption else "no caption",
+                "titles hidden" if self.hide_titles else "titles",
+            ]
+        )
 
 
-VARIANTS = {v.name: v for v in (Variant("full"), Variant("shots0", shots=0), Variant("shots5", shots=5),
-                                Variant("no_caption", caption=False),
-                                Variant("hide_titles", hide_titles=True))}
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("full"),
+        Variant("shots0", shots=0),
+        Variant("shots5", shots=5),
+        Variant("no_caption", caption=False),
+        Variant("hide_titles", hide_titles=True),
+    )
+}
 
 
 def parse_variants(spec: str | None) -> list[Variant]:
-    """"full,shots0" or custom "name:shots=1:caption=0:titles=0" items."""
+    """ "full,shots0" or custom "name:shots=1:caption=0:titles=0" items."""
     if not spec:
         return list(VARIANTS.values())
     out = []
@@ -94,8 +119,9 @@ def parse_variants(spec: str | None) -> list[Variant]:
 class VariantProgram(LLMHyper):
     """The program, shown only the first `shots` demonstrations and (without `caption`) no image tags."""
 
-    def __init__(self, config: ProgramConfig | None = None, judge_lm: Any = None, shots: int = 3,
-                 caption: bool = True):
+    def __init__(
+        self, config: ProgramConfig | None = None, judge_lm: Any = None, shots: int = 3, caption: bool = True
+    ):
         super().__init__(config, judge_lm=judge_lm)
         self.shots, self.caption = shots, caption
 
@@ -107,8 +133,12 @@ class VariantProgram(LLMHyper):
         return super().forward(ad, examples, features)
 
 
-def variant_program(variant: Variant, config: ProgramConfig | None = None,
-                    program_path: str | Path | None = None, judge_lm: Any = None) -> VariantProgram:
+def variant_program(
+    variant: Variant,
+    config: ProgramConfig | None = None,
+    program_path: str | Path | None = None,
+    judge_lm: Any = None,
+) -> VariantProgram:
     """The LLM-HYPER program with the variant's inputs (a compiled program's state loads as usual)."""
     cfg = dataclasses.replace(config or ProgramConfig(), hide_titles=variant.hide_titles)
     program = VariantProgram(cfg, judge_lm, variant.shots, variant.caption)
@@ -156,11 +186,25 @@ def check_reuse(run_dir: Path, variant: Variant, config: dict[str, Any]) -> None
         raise ValueError(f"{run_dir} cannot stand for variant {variant.name}: settings differ {diff}")
 
 
-def run_ablation(prep, encoder, lm_handle, judge_handle, ad_ids: list[str], out: str | Path,
-                 config: dict[str, Any], *, variants: list[Variant] | None = None, base_k: int = 3,
-                 program_config: ProgramConfig | None = None, program_path: str | Path | None = None,
-                 reuse: dict[str, str | Path] | None = None, n_boot: int = 1000, seed: int = 0,
-                 force: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_ablation(
+    prep,
+    encoder,
+    lm_handle,
+    judge_handle,
+    ad_ids: list[str],
+    out: str | Path,
+    config: dict[str, Any],
+    *,
+    variants: list[Variant] | None = None,
+    base_k: int = 3,
+    program_config: ProgramConfig | None = None,
+    program_path: str | Path | None = None,
+    reuse: dict[str, str | Path] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Generate every variant (resumable) and evaluate them together. `prep` must be retrieved with
     k >= max(base_k, shots of every variant). `reuse`: variant name -> an existing generate run directory
     made with the same settings (e.g. the main run as "full"): its weights are used, nothing is generated."""
@@ -182,45 +226,79 @@ def run_ablation(prep, encoder, lm_handle, judge_handle, ad_ids: list[str], out:
                 totals = RunDir(run_dir).manifest().get("totals", {})
             else:
                 run_dir = out / v.name
-                cfg = {**config, "variant": dataclasses.asdict(v), "base_k": base_k,
-                       "hide_titles": v.hide_titles}
+                cfg = {
+                    **config,
+                    "variant": dataclasses.asdict(v),
+                    "base_k": base_k,
+                    "hide_titles": v.hide_titles,
+                }
                 program = variant_program(v, program_config, program_path, judge_lm)
                 if progress:
                     print(f"llmhyper: ablation variant {v.name} ({v.describe()}) -> {run_dir}")
                 # generate guards the variant's settings (a rerun with others is refused) and resumes it
-                totals = generate(variant_prepared(prep, v, base), encoder, program, lm_handle, judge_handle,
-                                  ad_ids, run_dir, cfg, progress=progress, force=force)
+                totals = generate(
+                    variant_prepared(prep, v, base),
+                    encoder,
+                    program,
+                    lm_handle,
+                    judge_handle,
+                    ad_ids,
+                    run_dir,
+                    cfg,
+                    progress=progress,
+                    force=force,
+                )
             table = WeightTable.load(RunDir(run_dir).weights_dir)
             tables[v.name] = table
-            runs[v.name] = {"variant": dataclasses.asdict(v), "describe": v.describe(), "run": str(run_dir),
-                            "reused": v.name in reuse, "totals": totals, "ads": len(table.ad_ids)}
+            runs[v.name] = {
+                "variant": dataclasses.asdict(v),
+                "describe": v.describe(),
+                "run": str(run_dir),
+                "reused": v.name in reuse,
+                "totals": totals,
+                "ads": len(table.ad_ids),
+            }
         common = [a for a in ad_ids if all(a in set(t.ad_ids) for t in tables.values())]
         if not common:
             raise ValueError("no ad has weights in every variant (all failed?)")
         cold = list(prep.data.cold_ads)
         knn = bl.knn_prior(base.retired, base.neighbours, cold)
-        methods: dict[str, Any] = {"lr_cold": bl.lr_cold(base.retired, cold),
-                                   BAR: bl.calibrated(knn, base.X_cal, base.alphas, BAR)}
+        methods: dict[str, Any] = {
+            "lr_cold": bl.lr_cold(base.retired, cold),
+            BAR: bl.calibrated(knn, base.X_cal, base.alphas, BAR),
+        }
         if all(a in set(base.lr_warm.ad_ids) for a in common):
             methods["lr_warm"] = base.lr_warm
         methods.update(tables)
-        result = evaluate(base, methods, ad_ids=common, n_boot=n_boot, seed=seed, challengers=list(tables),
-                          bar=BAR)
-        summary = {"study": "ablation", "updated": now(), "base_k": base_k, "variants": runs,
-                   "config": config, "evaluation": result}
+        result = evaluate(
+            base, methods, ad_ids=common, n_boot=n_boot, seed=seed, challengers=list(tables), bar=BAR
+        )
+        summary = {
+            "study": "ablation",
+            "updated": now(),
+            "base_k": base_k,
+            "variants": runs,
+            "config": config,
+            "evaluation": result,
+        }
         write_json_atomic(out / "ablation.json", summary)
         write_text_atomic(out / "ablation.md", ablation_markdown(summary) + "\n")
     return summary
 
 
-SETTING = {"knn_cal": "kNN prior, normalised + calibrated (the bar)",
-           "lr_warm": "trained on clicks (upper bound)"}
+SETTING = {
+    "knn_cal": "kNN prior, normalised + calibrated (the bar)",
+    "lr_warm": "trained on clicks (upper bound)",
+}
 
 
 def ablation_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     res = summary["evaluation"]
-    head = (["method", "setting", "ads ok"] + [HEAD[m] for m in METRICS]
-            + [f"Δ{HEAD[m]} vs {BAR} (p)" for m in METRICS])
+    head = (
+        ["method", "setting", "ads ok"]
+        + [HEAD[m] for m in METRICS]
+        + [f"Δ{HEAD[m]} vs {BAR} (p)" for m in METRICS]
+    )
     key = f"vs_{BAR}"
     rows = []
     for name, row in res["methods"].items():
@@ -236,9 +314,13 @@ def ablation_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def ablation_markdown(summary: dict[str, Any]) -> str:
     res = summary["evaluation"]
-    return "\n".join([
-        md_table(*ablation_rows(summary)), "",
-        f"{res['dataset']}: {res['n_test_users']} test users x {res['n_ads']} cold ads (those every "
-        f"variant has weights for); 95% intervals from {res['n_boot']} paired bootstrap resamples of "
-        f"users; Δ = variant minus {BAR}, paired. Calibration target alpha from the {summary['base_k']} "
-        "nearest retired ads in every variant."])
+    return "\n".join(
+        [
+            md_table(*ablation_rows(summary)),
+            "",
+            f"{res['dataset']}: {res['n_test_users']} test users x {res['n_ads']} cold ads (those every "
+            f"variant has weights for); 95% intervals from {res['n_boot']} paired bootstrap resamples of "
+            f"users; Δ = variant minus {BAR}, paired. Calibration target alpha from the {summary['base_k']} "
+            "nearest retired ads in every variant.",
+        ]
+    )

@@ -43,7 +43,7 @@ CHANGES = {
     "enhanced": "enhanced: make the ad appeal MORE to users who score high on the target feature",
     "diminished": "diminished: make the ad appeal LESS to users who score high on the target feature",
     "neutralised": "neutralised: make the ad neither attract nor repel users who score high on the target "
-                   "feature (remove every cue aimed at them or against them)",
+    "feature (remove every cue aimed at them or against them)",
 }
 EPS = 1e-9
 ITEMS, REWRITES = "items", "rewrites"
@@ -74,8 +74,9 @@ def direction_correct(kind: str, before: float, after: float, eps: float = EPS) 
     raise ValueError(f"unknown counterfactual type {kind!r} (use {', '.join(TYPES)})")
 
 
-def direction_accuracy(items: list[dict[str, Any]], eps: float = EPS, n_boot: int = 1000,
-                       seed: int = 0) -> dict[str, Any]:
+def direction_accuracy(
+    items: list[dict[str, Any]], eps: float = EPS, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Per type (and overall): items, correct, accuracy with a bootstrap interval over items, mean change of
     the target weight. `items`: dicts with `type`, `before`, `after` (items lacking either are counted as
     failed, not scored)."""
@@ -89,14 +90,19 @@ def direction_accuracy(items: list[dict[str, Any]], eps: float = EPS, n_boot: in
         ci = mean_ci(ok, n_boot, seed)
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
         out[kind] = {
-            "n": len(scored), "failed": len(sel) - len(scored), "correct": int(sum(ok)),
+            "n": len(scored),
+            "failed": len(sel) - len(scored),
+            "correct": int(sum(ok)),
             # why a move failed: the weight did not move at all, or the rewrite left the description as it was
             "weight_unchanged": sum(abs(a - b) <= eps for b, a in zip(before, after)),
             "text_unchanged": sum(bool(it.get("text_unchanged")) for it in scored),
-            "accuracy": ci["value"], "lo": ci["lo"], "hi": ci["hi"],
+            "accuracy": ci["value"],
+            "lo": ci["lo"],
+            "hi": ci["hi"],
             "mean_change": mean([a - b for b, a in zip(before, after)]),
             "mean_abs_before": mean([abs(b) for b in before]),
-            "mean_abs_after": mean([abs(a) for a in after])}
+            "mean_abs_after": mean([abs(a) for a in after]),
+        }
     return out
 
 
@@ -131,7 +137,7 @@ def choose_targets(data, ad_id: str, per_ad: int = 1) -> list[str]:
 
 
 def features_for(program, features: list[dict[str, str]], target: str, scope: str) -> list[dict[str, str]]:
-    """"all": every feature (the full program per item); "batch": only the program's batch that holds the
+    """ "all": every feature (the full program per item); "batch": only the program's batch that holds the
     target (the same batch, in the same order, as in a full run: the prompt differs only in the ad)."""
     if scope == "all":
         return features
@@ -147,16 +153,36 @@ class _ItemFailed(Exception):
     pass
 
 
-def robustness_study(prep, encoder, program, lm_handle, rewrite_handle, ad_ids: list[str], out: str | Path,
-                     config: dict[str, Any], *, targets_per_ad: int = 1, types: tuple[str, ...] = TYPES,
-                     scope: str = "batch", eps: float = EPS, force: bool = False, n_boot: int = 1000,
-                     progress: bool = True) -> dict[str, Any]:
+def robustness_study(
+    prep,
+    encoder,
+    program,
+    lm_handle,
+    rewrite_handle,
+    ad_ids: list[str],
+    out: str | Path,
+    config: dict[str, Any],
+    *,
+    targets_per_ad: int = 1,
+    types: tuple[str, ...] = TYPES,
+    scope: str = "batch",
+    eps: float = EPS,
+    force: bool = False,
+    n_boot: int = 1000,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) the counterfactual study on `ad_ids`; returns the summary (also written to OUT)."""
     bad = [t for t in types if t not in TYPES]
     if bad:
         raise ValueError(f"unknown counterfactual types {bad} (use {', '.join(TYPES)})")
-    settings = {"study": "robustness", **config, "targets_per_ad": targets_per_ad, "types": list(types),
-                "scope": scope, "eps": eps}
+    settings = {
+        "study": "robustness",
+        **config,
+        "targets_per_ad": targets_per_ad,
+        "types": list(types),
+        "scope": scope,
+        "eps": eps,
+    }
     data = prep.data
     features = [f.model_dump() for f in data.features]
     specs = {f["name"]: f for f in features}
@@ -167,9 +193,14 @@ def robustness_study(prep, encoder, program, lm_handle, rewrite_handle, ad_ids: 
     def weigh(view, feats, captions) -> dict[str, Any]:
         with dspy.context(lm=lm_handle.lm):
             pred = program(ad=view, examples=demonstrations(prep, view["id"], captions), features=feats)
-        return {"raw_weights": dict(pred.weights), "failed_features": dict(pred.failed_features),
-                "reasoning": list(pred.reasoning), "judge": pred.judge, "calls": pred.calls,
-                "parse_failures": pred.parse_failures}
+        return {
+            "raw_weights": dict(pred.weights),
+            "failed_features": dict(pred.failed_features),
+            "reasoning": list(pred.reasoning),
+            "judge": pred.judge,
+            "calls": pred.calls,
+            "parse_failures": pred.parse_failures,
+        }
 
     with RunDir(out, records=ITEMS) as study:
         # the program is identified by its hash (its path may differ between checkouts); a study made before
@@ -195,17 +226,26 @@ def robustness_study(prep, encoder, program, lm_handle, rewrite_handle, ad_ids: 
                     continue
                 marks = [len(lm.history) for lm in lms]
                 t0 = time.time()
-                item: dict[str, Any] = {"ad_id": ad_id, "feature": target, "type": kind, "scope": scope,
-                                        "features": [f["name"] for f in feats]}
+                item: dict[str, Any] = {
+                    "ad_id": ad_id,
+                    "feature": target,
+                    "type": kind,
+                    "scope": scope,
+                    "features": [f["name"] for f in feats],
+                }
                 try:
                     view = base
                     if kind != "original":
                         rw = rewrites.read_record(iid)
                         if not rw or not rw.get("ok"):
                             with dspy.context(lm=rewrite_handle.lm):
-                                rw = {"ad_id": ad_id, "feature": target, "type": kind,
-                                      "original": {"title": base["title"], "text": base["text"]},
-                                      **rewriter(base, specs[target], kind)}
+                                rw = {
+                                    "ad_id": ad_id,
+                                    "feature": target,
+                                    "type": kind,
+                                    "original": {"title": base["title"], "text": base["text"]},
+                                    **rewriter(base, specs[target], kind),
+                                }
                             rewrites.write_record(iid, rw)
                         item["rewrite"] = {k: rw.get(k) for k in ("ok", "title", "text", "reason")}
                         if not rw.get("ok"):
@@ -224,8 +264,9 @@ def robustness_study(prep, encoder, program, lm_handle, rewrite_handle, ad_ids: 
                     item.update({"status": "failed", "reason": f"{type(exc).__name__}: {short_error(exc)}"})
                 item["seconds"] = round(time.time() - t0, 2)
                 calls = [c for lm, m in zip(lms, marks, strict=True) for c in lm_calls(lm, since=m)]
-                study.append_calls(ad_id, [{"study": "robustness", "feature": target, "type": kind, **c}
-                                           for c in calls])
+                study.append_calls(
+                    ad_id, [{"study": "robustness", "feature": target, "type": kind, **c} for c in calls]
+                )
                 study.write_record(iid, item, settings)
                 bar.set_postfix(ad=ad_id, type=kind, status=item["status"])
         summary = robustness_summary(out, eps=eps, n_boot=n_boot)
@@ -233,8 +274,17 @@ def robustness_study(prep, encoder, program, lm_handle, rewrite_handle, ad_ids: 
         write_json_atomic(Path(out) / "robustness.json", summary)
         write_text_atomic(Path(out) / "robustness.md", robustness_markdown(summary) + "\n")
         lm_desc = {"lm": lm_handle.description, "rewrite_lm": rewrite_handle.description}
-        study.write_manifest({"study": "robustness", "config": settings, **lm_desc, "versions": versions(),
-                              **times, "updated": now(), "totals": summary["accuracy"]["overall"]})
+        study.write_manifest(
+            {
+                "study": "robustness",
+                "config": settings,
+                **lm_desc,
+                "versions": versions(),
+                **times,
+                "updated": now(),
+                "totals": summary["accuracy"]["overall"],
+            }
+        )
     return summary
 
 
@@ -252,9 +302,19 @@ def load_pairs(out: str | Path) -> list[dict[str, Any]]:
         after = it.get("weight") if it.get("status") == "ok" else None
         rw = rewrites.read_record(item_key(it)) or {}
         correct = direction_correct(it["type"], before, after) if None not in (before, after) else None
-        pairs.append({"ad_id": it["ad_id"], "feature": it["feature"], "type": it["type"], "before": before,
-                      "after": after, "rewrite": it.get("rewrite"), "text_unchanged": text_unchanged(rw),
-                      "correct": correct, "reason": it.get("reason") or (orig or {}).get("reason")})
+        pairs.append(
+            {
+                "ad_id": it["ad_id"],
+                "feature": it["feature"],
+                "type": it["type"],
+                "before": before,
+                "after": after,
+                "rewrite": it.get("rewrite"),
+                "text_unchanged": text_unchanged(rw),
+                "correct": correct,
+                "reason": it.get("reason") or (orig or {}).get("reason"),
+            }
+        )
     return pairs
 
 
@@ -272,26 +332,54 @@ def robustness_summary(out: str | Path, eps: float = EPS, n_boot: int = 1000) ->
     for p in pairs:
         if p["before"] is not None and p["after"] is not None:
             p["correct"] = direction_correct(p["type"], p["before"], p["after"], eps)
-    return {"study": "robustness", "updated": now(), "eps": eps, "items": len(pairs),
-            "ads": len({p["ad_id"] for p in pairs}), "accuracy": direction_accuracy(pairs, eps, n_boot),
-            "pairs": pairs}
+    return {
+        "study": "robustness",
+        "updated": now(),
+        "eps": eps,
+        "items": len(pairs),
+        "ads": len({p["ad_id"] for p in pairs}),
+        "accuracy": direction_accuracy(pairs, eps, n_boot),
+        "pairs": pairs,
+    }
 
 
 EXPECT = {"enhanced": "w' > w", "diminished": "w' < w", "neutralised": "|w'| < |w|", "overall": ""}
 
 
 def robustness_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["type", "expected move", "items", "correct", "direction accuracy", "mean Δw",
-            "mean |w| before → after", "w unchanged", "description unchanged", "failed"]
+    head = [
+        "type",
+        "expected move",
+        "items",
+        "correct",
+        "direction accuracy",
+        "mean Δw",
+        "mean |w| before → after",
+        "w unchanged",
+        "description unchanged",
+        "failed",
+    ]
     rows = []
     for kind, r in summary["accuracy"].items():
         acc = ci_cell({"value": r["accuracy"], "lo": r["lo"], "hi": r["hi"]})
         move = "—" if r["mean_change"] is None else f"{r['mean_change']:+.3f}"
-        ab = ("—" if r["mean_abs_before"] is None
-              else f"{r['mean_abs_before']:.3f} → {r['mean_abs_after']:.3f}")
+        ab = (
+            "—" if r["mean_abs_before"] is None else f"{r['mean_abs_before']:.3f} → {r['mean_abs_after']:.3f}"
+        )
         same = [str(r.get(k, "—")) for k in ("weight_unchanged", "text_unchanged")]
-        rows.append([kind, EXPECT.get(kind, ""), str(r["n"]), str(r["correct"]), acc, move, ab, *same,
-                     str(r["failed"])])
+        rows.append(
+            [
+                kind,
+                EXPECT.get(kind, ""),
+                str(r["n"]),
+                str(r["correct"]),
+                acc,
+                move,
+                ab,
+                *same,
+                str(r["failed"]),
+            ]
+        )
     return head, rows
 
 
@@ -311,12 +399,15 @@ def example_rows(summary: dict[str, Any], n: int, split: bool = False) -> tuple[
 
 
 def robustness_markdown(summary: dict[str, Any], examples: int = 3) -> str:
-    lines = [md_table(*robustness_rows(summary)), "",
-             f"{summary['items']} counterfactual items on {summary['ads']} ads; w = the target feature's raw "
-             "weight for the original ad, w' = for the rewrite (same program, LM, neighbours and feature "
-             "batch); 95% bootstrap intervals over items; w unchanged = |w' - w| <= eps; description "
-             "unchanged = the rewriter returned the original description (only the title may differ); "
-             "failed = no rewrite or no weight (not scored)."]
+    lines = [
+        md_table(*robustness_rows(summary)),
+        "",
+        f"{summary['items']} counterfactual items on {summary['ads']} ads; w = the target feature's raw "
+        "weight for the original ad, w' = for the rewrite (same program, LM, neighbours and feature "
+        "batch); 95% bootstrap intervals over items; w unchanged = |w' - w| <= eps; description "
+        "unchanged = the rewriter returned the original description (only the title may differ); "
+        "failed = no rewrite or no weight (not scored).",
+    ]
     head, rows = example_rows(summary, examples)
     if rows:
         lines += ["", "Examples of rewrites (all are in rewrites/):", "", md_table(head, rows)]

@@ -21,6 +21,7 @@ from llmhyper.retrieval import encoders
 from llmhyper.runs import RunDir
 from llmhyper.store import file_sha256
 
+
 @dataclass(frozen=True)
 class StudySettings:
     """What the command line gave; None = the base run's setting, else generate's default."""
@@ -66,16 +67,32 @@ def resolve(given: StudySettings, run: str | Path | None, out: str | Path = ".")
         name = str(cfg["dataset"])
         # a run records a named data set by its name, your own folder by its path
         dataset, folder = (name, None) if name in DATASETS or name.startswith("synthetic") else (None, name)
-    data = DataSettings(dataset=dataset or DataSettings.dataset, posters=given.posters, seed=pick("seed", 0),
-                        folder=Path(folder).expanduser().resolve() if folder else None)
-    lm = LMSettings(spec=pick("lm", EMBEDDED), api_base=pick("api_base"), n_threads=given.threads,
-                    temperature=pick("temperature", 0.0), max_tokens=pick("max_tokens", DEFAULT_MAX_TOKENS))
-    return GenerateSettings(out=Path(out), data=data, k=pick("k", 3),
-                            encoder=pick("encoder", DEFAULT_ENCODER), lm=lm,
-                            judge_lm=judge_settings_for(lm, pick("judge_lm")),
-                            program=_program(given.program, cfg), batch_size=pick("batch_size", 10),
-                            samples=pick("samples", 1), judge=pick("judge", True),
-                            hide_titles=bool(pick("hide_titles", False)))
+    data = DataSettings(
+        dataset=dataset or DataSettings.dataset,
+        posters=given.posters,
+        seed=pick("seed", 0),
+        folder=Path(folder).expanduser().resolve() if folder else None,
+    )
+    lm = LMSettings(
+        spec=pick("lm", EMBEDDED),
+        api_base=pick("api_base"),
+        n_threads=given.threads,
+        temperature=pick("temperature", 0.0),
+        max_tokens=pick("max_tokens", DEFAULT_MAX_TOKENS),
+    )
+    return GenerateSettings(
+        out=Path(out),
+        data=data,
+        k=pick("k", 3),
+        encoder=pick("encoder", DEFAULT_ENCODER),
+        lm=lm,
+        judge_lm=judge_settings_for(lm, pick("judge_lm")),
+        program=_program(given.program, cfg),
+        batch_size=pick("batch_size", 10),
+        samples=pick("samples", 1),
+        judge=pick("judge", True),
+        hide_titles=bool(pick("hide_titles", False)),
+    )
 
 
 def _program(given: str | None, cfg: dict[str, Any]) -> Path | None:
