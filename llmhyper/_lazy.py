@@ -18,3 +18,19 @@ def require(module: str, extra: str, purpose: str = "") -> ModuleType:
             f"'{module}' is needed{what} but could not be imported ({exc}). "
             f'Install it with: pip install -e ".[{extra}]" -c constraints-cpu.txt'
         ) from exc
+
+
+def start_ray(purpose: str, *, address: str | None = None, num_cpus: int | None = None, data: bool = False):
+    """`ray`, started (or joined at `address`) once per process; a Ray this process already started is
+    reused as it is. `data`: Ray Data is needed too. MissingDependency names the `ray` extra."""
+    ray = require("ray", "ray", purpose)
+    if data:
+        require("ray.data", "ray", purpose)
+    if not ray.is_initialized():
+        kwargs = {"include_dashboard": False, "ignore_reinit_error": True, "log_to_driver": False}
+        if address is not None:
+            kwargs["address"] = address
+        elif num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+        ray.init(**kwargs)
+    return ray

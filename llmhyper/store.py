@@ -224,3 +224,47 @@ def versions() -> dict[str, str]:
         except ImportError:
             pass
     return out
+
+
+# -- npz + JSON artifacts -----------------------------------------------------------------------------
+
+
+def save_pair(
+    folder: str | Path, npz_name: str, json_name: str, arrays: dict[str, np.ndarray], info: dict[str, Any]
+) -> Path:
+    """An artifact as arrays (`npz_name`) + a description (`json_name`), each written atomically, npz first;
+    the JSON names the npz's SHA-256, so a reader that catches the folder between the two renames sees a
+    mismatch, never mixed files. No pickle."""
+    d = Path(folder)
+    if d.exists() and not d.is_dir():
+        raise DataError("an artifact folder is expected here, found a file", file=str(d))
+    npz = save_npz_atomic(d / npz_name, **arrays)
+    write_json_atomic(d / json_name, {**info, "npz_sha256": file_sha256(npz)})
+    return d
+
+
+def load_pair(
+    folder: str | Path, npz_name: str, json_name: str, what: str
+) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, description) of an artifact written by `save_pair`; a missing, mismatched or damaged one is a
+    one-line DataError naming the file."""
+    d = Path(folder)
+    npz, js = d / npz_name, d / json_name
+    for p in (npz, js):
+        if not p.is_file():
+            raise DataError(f"no {what} here (expected {npz_name} and {json_name})", file=str(p))
+    info = read_json(js, f"{what} description")
+    if not isinstance(info, dict):
+        raise DataError("expected a JSON object", file=str(js))
+    if info.get("npz_sha256") != file_sha256(npz):
+        raise DataError(
+            f"does not match {json_name} (an interrupted save?); write the {what} again", file=str(npz)
+        )
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:  # zipfile / numpy raise many kinds for a damaged file
+        raise DataError(
+            f"damaged {what} arrays ({type(exc).__name__}: {str(exc)[:80]})", file=str(npz)
+        ) from None
+    return arrays, info

@@ -10,41 +10,38 @@ from pathlib import Path
 from llmhyper.data import DATASETS, DataSettings
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def number(kind: type, *, low: float | None = None, high: float | None = None, strict_low: bool = False):
+    """An argparse type: a finite `kind` (int or float) within [low, high] (above low when `strict_low`),
+    with a one-line message naming what was expected."""
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {what}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        too_low = low is not None and (value <= low if strict_low else value < low)
+        if too_low or (high is not None and value > high):
+            bound = (
+                f"above {low:g}"
+                if strict_low
+                else (f"{low:g} or more" if high is None else f"{low:g}-{high:g}")
+            )
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__}_{low}_{high}"  # argparse names the type in its messages
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+positive_int = number(int, low=1)
+non_negative_int = number(int, low=0)
+finite_float = number(float)
+non_negative_float = number(float, low=0)
+positive_float = number(float, low=0, strict_low=True)
+port_number = number(int, low=1, high=65535)
 
 
 def non_empty(text: str) -> str:

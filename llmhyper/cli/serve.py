@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from llmhyper._lazy import require
-from llmhyper.cli.common import finite_float, non_negative_float, positive_int
+from llmhyper.cli.common import non_negative_float, port_number, positive_float, positive_int
 from llmhyper.serve.app import DEFAULT_HOST, DEFAULT_PORT, create_app, host_warning
 from llmhyper.serve.feedback import FeedbackService, FeedbackSettings
 from llmhyper.serve.workers import (
@@ -17,23 +17,6 @@ from llmhyper.serve.workers import (
     check_workers,
     run_workers,
 )
-
-
-def positive_float(text: str) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {text}")
-    return value
 
 
 def add_parser(sub) -> None:

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from llmhyper.cli.common import add_data_args, data_settings, non_negative_int, positive_int
+from llmhyper.cli.common import add_data_args, data_settings, non_negative_int, positive_float, positive_int
 from llmhyper.ctr.evaluate import load_artifacts
 from llmhyper.ctr.posterior import EBSettings
 from llmhyper.ctr.prepare import prepare
@@ -25,16 +25,6 @@ def impressions_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 0 or list(values) != sorted(set(values)):
         raise argparse.ArgumentTypeError(f"expected increasing numbers >= 0 such as 0,10,25,50, got '{text}'")
     return values
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def add_parser(sub) -> None:

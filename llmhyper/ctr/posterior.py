@@ -29,7 +29,7 @@ from scipy.optimize import minimize
 from threadpoolctl import ThreadpoolController
 
 from llmhyper.errors import DataError
-from llmhyper.store import file_sha256, read_json, save_npz_atomic, write_json_atomic
+from llmhyper.store import load_pair, save_pair
 from llmhyper.weights import WeightTable, sigmoid
 
 NPZ_NAME, JSON_NAME = "posterior.npz", "posterior.json"
@@ -406,23 +406,23 @@ class PosteriorTable:
 
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
-        npz = save_npz_atomic(
-            d / NPZ_NAME,
-            mean=self.mean,
-            precision=self.precision,
-            n=self.n,
-            clicks=self.clicks,
-            ad_ids=np.array(self.ad_ids, dtype=str),
-            feature_names=np.array(self.feature_names, dtype=str),
-        )
-        write_json_atomic(
-            d / JSON_NAME,
+        save_pair(
+            d,
+            NPZ_NAME,
+            JSON_NAME,
+            {
+                "mean": self.mean,
+                "precision": self.precision,
+                "n": self.n,
+                "clicks": self.clicks,
+                "ad_ids": np.array(self.ad_ids, dtype=str),
+                "feature_names": np.array(self.feature_names, dtype=str),
+            },
             {
                 "method": self.method,
                 "n_ads": len(self.ad_ids),
                 "feature_names": self.feature_names,
                 "meta": self.meta,
-                "npz_sha256": file_sha256(npz),
             },
         )
         return d
@@ -430,23 +430,17 @@ class PosteriorTable:
     @classmethod
     def load(cls, directory: str | Path) -> PosteriorTable:
         d = Path(directory)
-        info = read_json(d / JSON_NAME, "posterior description")
-        npz = d / NPZ_NAME
-        if not npz.is_file():
-            raise DataError("posterior arrays missing", file=str(npz))
-        if not isinstance(info, dict) or info.get("npz_sha256") != file_sha256(npz):
-            raise DataError(f"does not match {JSON_NAME} (an interrupted save?)", file=str(npz))
+        z, info = load_pair(d, NPZ_NAME, JSON_NAME, "posterior")
         try:
-            with np.load(npz, allow_pickle=False) as z:
-                return cls(
-                    str(info.get("method", d.name)),
-                    [str(a) for a in z["ad_ids"]],
-                    [str(f) for f in z["feature_names"]],
-                    z["mean"],
-                    z["precision"],
-                    z["n"],
-                    z["clicks"],
-                    info.get("meta", {}) or {},
-                )
+            return cls(
+                str(info.get("method", d.name)),
+                [str(a) for a in z["ad_ids"]],
+                [str(f) for f in z["feature_names"]],
+                z["mean"],
+                z["precision"],
+                z["n"],
+                z["clicks"],
+                info.get("meta", {}) or {},
+            )
         except (KeyError, ValueError, OSError) as exc:
-            raise DataError(f"damaged posterior arrays ({exc})", file=str(npz)) from None
+            raise DataError(f"damaged posterior arrays ({exc})", file=str(d / NPZ_NAME)) from None

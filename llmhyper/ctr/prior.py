@@ -28,7 +28,7 @@ from llmhyper.ctr.normalize import calibrate_intercept, l2_normalize
 from llmhyper.ctr.prepare import Prepared, embed
 from llmhyper.data.contract import Ad
 from llmhyper.errors import DataError
-from llmhyper.store import file_sha256, read_json, save_npz_atomic, write_json_atomic
+from llmhyper.store import load_pair, save_pair
 from llmhyper.weights import WeightTable
 
 STRUCTURED = ("meta", "date")
@@ -208,13 +208,13 @@ class RidgePrior:
     # -- persistence (no pickle) ----------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         d = Path(directory)
-        if d.exists() and not d.is_dir():
-            raise DataError("a prior folder is expected here, found a file", file=str(d))
         if self.coef is None or self.bias is None:
             raise ValueError("the prior is not fitted")
-        npz = save_npz_atomic(d / NPZ_NAME, coef=self.coef, bias=self.bias)
-        write_json_atomic(
-            d / JSON_NAME,
+        save_pair(
+            d,
+            NPZ_NAME,
+            JSON_NAME,
+            {"coef": self.coef, "bias": self.bias},
             {
                 "kind": "ridge_prior",
                 "inputs": self.inputs,
@@ -224,7 +224,6 @@ class RidgePrior:
                 "date_stats": list(self.date_stats),
                 "scales": self.scales,
                 "meta": self.meta,
-                "npz_sha256": file_sha256(npz),
             },
         )
         return d
@@ -232,20 +231,12 @@ class RidgePrior:
     @classmethod
     def load(cls, directory: str | Path) -> RidgePrior:
         d = Path(directory)
-        npz, js = d / NPZ_NAME, d / JSON_NAME
-        for p in (npz, js):
-            if not p.is_file():
-                raise DataError(f"no prior here (expected {NPZ_NAME} and {JSON_NAME})", file=str(p))
-        info = read_json(js, "prior description")
-        if not isinstance(info, dict) or info.get("kind") != "ridge_prior":
-            raise DataError("not a ridge prior description", file=str(js))
-        if info.get("npz_sha256") != file_sha256(npz):
-            raise DataError(
-                f"does not match {JSON_NAME} (an interrupted save?); fit the prior again", file=str(npz)
-            )
+        arrays, info = load_pair(d, NPZ_NAME, JSON_NAME, "prior")
+        npz = d / NPZ_NAME
+        if info.get("kind") != "ridge_prior":
+            raise DataError("not a ridge prior description", file=str(d / JSON_NAME))
         try:
-            with np.load(npz, allow_pickle=False) as z:
-                coef, bias = z["coef"], z["bias"]
+            coef, bias = arrays["coef"], arrays["bias"]
             prior = cls(
                 list(info["inputs"]),
                 float(info["alpha"]),

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llmhyper._lazy import require
+from llmhyper._lazy import require, start_ray
 from llmhyper.errors import LLMHyperError
 from llmhyper.hyper.program import LLMHyper, ProgramConfig
 from llmhyper.hyper.workers import AdJob, AdRetry, Asked, Lane, ask
@@ -99,18 +99,7 @@ class RayAds:
         self.judge_description: dict[str, Any] = {}
 
     def __enter__(self) -> RayAds:
-        ray = self.ray = import_ray()
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {
-                "include_dashboard": False,
-                "ignore_reinit_error": True,
-                "log_to_driver": False,
-            }
-            if self.address is not None:
-                kwargs["address"] = self.address
-            elif self.num_cpus is not None:
-                kwargs["num_cpus"] = self.num_cpus
-            ray.init(**kwargs)
+        ray = self.ray = start_ray(PURPOSE, address=self.address, num_cpus=self.num_cpus)
         lm = self.work.lm
         cpus = max(lm.n_threads, (self.work.judge_lm or lm).n_threads) if self.work.embedded else 1
         available = int(ray.cluster_resources().get("CPU", 1))

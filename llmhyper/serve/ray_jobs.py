@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from llmhyper._lazy import require
+from llmhyper._lazy import require, start_ray
 from llmhyper.errors import DataError, LLMHyperError
 from llmhyper.serve.batch import (
     Ranker,
@@ -57,20 +57,8 @@ def import_ray() -> Any:
 
 
 def init_ray(settings: RaySettings) -> Any:
-    """Start (or join) Ray once per process; a Ray this process already started is reused as it is."""
-    ray = import_ray()
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {
-            "include_dashboard": False,
-            "ignore_reinit_error": True,
-            "log_to_driver": False,
-        }
-        if settings.address is not None:
-            kwargs["address"] = settings.address
-        elif settings.num_cpus is not None:
-            kwargs["num_cpus"] = settings.num_cpus
-        ray.init(**kwargs)
-    return ray
+    """Start (or join) Ray once per process, with Ray Data."""
+    return start_ray(PURPOSE, address=settings.address, num_cpus=settings.num_cpus, data=True)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
