@@ -21,6 +21,15 @@ def cache_dir() -> Path:
     return path
 
 
+def model_dir() -> Path:
+    """Where the joined embedded model lives: $LLMHYPER_MODEL_DIR, else `cache_dir()/models`. Apart from
+    the cache so that a job with a scratch cache still finds the one verified copy of the model."""
+    env = os.environ.get("LLMHYPER_MODEL_DIR")
+    path = Path(env) if env else cache_dir() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def shared_posters_dir() -> Path | None:
     """The team's poster folder (../shared/data/ml100k-posters next to the checkout), if present."""
     env = os.environ.get("LLMHYPER_POSTERS")

@@ -15,6 +15,7 @@ from llmhyper.data.synthetic import generate_synthetic
 from llmhyper.hyper.generate import generate
 from llmhyper.hyper.program import LLMHyper, ProgramConfig
 from llmhyper.llm.build import build_lm
+from llmhyper.paths import model_dir
 from tests.fakes import HashEncoder
 
 pytestmark = pytest.mark.embedded
@@ -27,6 +28,7 @@ def five_feature_world():
 
 
 def test_real_model_writes_weights_for_one_ad(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMHYPER_MODEL_DIR", str(model_dir()))  # the one verified model, outside the scratch cache
     monkeypatch.setenv("LLMHYPER_CACHE", str(tmp_path / "cache"))
     data = five_feature_world()
     enc = HashEncoder()
@@ -52,3 +54,30 @@ def test_real_model_writes_weights_for_one_ad(tmp_path, monkeypatch):
     print(
         json.dumps({k: rec[k] for k in ("raw_weights", "reasoning", "judge", "seconds", "tokens")}, indent=1)
     )
+
+
+def test_real_model_labels_every_feature_from_log_probabilities(tmp_path):
+    """The edit program's log-probability mode against the real llama.cpp server: a grammar-forced answer,
+    one label distribution per feature, no parse failure, and a rerun answered from the disk cache."""
+    from llmhyper.hyper.edit import EditConfig, EditProgram
+    from llmhyper.llm.logprobs import client_for_handle
+
+    features = [
+        {"name": "interest_gardening", "description": "how strongly the user engages with gardening content"},
+        {"name": "interest_cars", "description": "how strongly the user engages with car content"},
+        {"name": "age", "description": "the user's age (standardised)"},
+    ]
+    ad = {"id": "c1", "title": "Pruning shears offer", "text": "An ad for pruning shears, for people into gardening."}
+    prior = {"interest_gardening": 0.0, "interest_cars": 0.0, "age": 0.0}
+    with build_lm("embedded", n_threads=2) as handle:
+        client = client_for_handle(handle, tmp_path / "lp-cache")
+        program = EditProgram(EditConfig(mode="logprobs"), client=client)
+        pred = program(ad=ad, examples=[], features=features, prior=prior)
+        again = program(ad=ad, examples=[], features=features, prior=prior)
+    assert pred.failed_features == [] and pred.parse_failures == 0 and pred.calls == 1
+    for name in prior:
+        assert sum(pred.distributions[name]) == pytest.approx(1.0)
+        assert -2.0 <= pred.edits[name] <= 2.0
+    assert pred.tokens["prompt_tokens"] > 50 and pred.tokens["completion_tokens"] >= 3 * 3
+    assert again.edits == pred.edits and again.attempts[0]["cached"]
+    print(json.dumps({"edits": pred.edits, "tokens": pred.tokens}, indent=1))

@@ -251,3 +251,42 @@ def test_load_program_reads_the_shipped_program():
     program = load_program(DEFAULT_PROGRAM, ProgramConfig(batch_size=4), judge_lm="judge")
     assert program.config.batch_size == 4 and program.judge_lm == "judge"
     assert program.judge.signature.instructions == _state()["judge"]["signature"]["instructions"]
+
+
+def test_a_vision_lm_gets_the_ad_image_in_its_request(tmp_path):
+    """--vision: the ad's image travels to the LM as an image part (the paper's multimodal input); a
+    text-only program sends none."""
+    from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
+    from PIL import Image
+
+    from llmhyper.hyper.program import LLMHyper, ProgramConfig
+
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "poster.png")
+
+    class SeeingEngine:
+        def __init__(self):
+            self.parts = []
+
+        def complete(self, request):
+            self.parts.append([type(p).__name__ for m in request.messages for p in m.parts])
+            text = '[[ ## reasoning ## ]]\nRed.\n\n[[ ## weights ## ]]\n{"a": 0.5}\n\n[[ ## completed ## ]]'
+            return Response(id=None, model=request.model, message=Message.assistant([TextPart(text)]),
+                            finish_reason="stop", usage=Usage(input_tokens=1, output_tokens=1))
+
+        def stream(self, request):
+            return response_to_events(self.complete(request))
+
+        def close(self):
+            pass
+
+    ad = {"id": "x", "title": "Red shoes", "text": "Shoes", "caption": "shoe", "image": str(tmp_path / "poster.png")}
+    features = [{"name": "a", "description": "feature a"}]
+    for vision in (True, False):
+        engine = SeeingEngine()
+        lm = dspy.LM("local/seeing", engine=engine, cache=False, num_retries=0)
+        with dspy.context(lm=lm):
+            pred = LLMHyper(ProgramConfig(batch_size=1, use_judge=False, vision=vision))(
+                ad=ad, examples=[], features=features
+            )
+        assert pred.weights == {"a": 0.5}
+        assert ("ImagePart" in engine.parts[0]) is vision

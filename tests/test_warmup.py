@@ -132,3 +132,12 @@ def test_cli_parses_and_registers():
     assert args.impressions == (0, 5, 20) and args.repeats == 2 and args.priors == "lr_cold,RUN/weights"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["warmup", "--impressions", "10,5"])
+
+
+def test_the_report_embeds_the_warmup_curves(result):
+    from llmhyper.report.render import _warmup_html
+
+    html = _warmup_html(result)
+    assert '<section id="warmup">' in html and html.count("<polyline") == 4 and "oracle" in html
+    assert "impressions to 95% of LR_warm AUC" in html
+    assert _warmup_html(None) == ""

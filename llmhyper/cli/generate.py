@@ -40,6 +40,12 @@ def add_parser(sub) -> None:
     p.add_argument("--no-judge", action="store_true", help="skip the LLM judge")
     p.add_argument("--hide-titles", action="store_true", help="show genres/date/poster only, not titles")
     p.add_argument(
+        "--vision",
+        action="store_true",
+        help="the LM sees images (a vision LM such as openai/gpt-4o): each ad's image goes into the "
+        "prompt; text-only LMs keep the image caption",
+    )
+    p.add_argument(
         "--threads",
         type=positive_int,
         default=DEFAULT_THREADS,
@@ -125,6 +131,7 @@ def settings_from(args: argparse.Namespace) -> GenerateSettings:
         samples=args.samples,
         judge=not args.no_judge,
         hide_titles=args.hide_titles,
+        vision=args.vision,
         limit=args.limit,
         ads=ads,
         force=args.force,

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--explain", help="a `llmhyper trust explain` folder")
     p.add_argument("--robustness", help="a `llmhyper trust robustness` folder")
     p.add_argument("--ablation", help="a `llmhyper trust ablate` folder")
+    p.add_argument(
+        "--warmup", help="a `llmhyper warmup --json` result: its curves and headline go in the page"
+    )
     p.add_argument("--max-ads", type=positive_int, default=60, help="ads shown in the heatmap")
     p.add_argument(
         "--bootstrap",
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     # every input is read before the data set is loaded: a wrong path fails at once
     studies = {name: load_summary(getattr(args, name), name) for name in STUDIES}
     eval_result = read_json(args.eval, "evaluate result") if args.eval else None
+    warmup = read_json(args.warmup, "warm-up result") if args.warmup else None
     data = load_dataset(settings.data)
     rep = gather(
         data,
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         n_boot=args.bootstrap,
         seed=settings.data.seed,
     )
+    rep["warmup"] = warmup
     html_path, md_path = write_report(rep, args.out)
     print(f"written: {html_path} ({html_path.stat().st_size // 1024} KiB), {md_path}")
     return 0

@@ -19,7 +19,7 @@ import dspy
 import numpy as np
 
 from llmhyper.errors import DataError, LLMHyperError
-from llmhyper.hyper.signatures import JudgeWeights, PredictFeatureWeights
+from llmhyper.hyper.signatures import JudgeWeights, PredictFeatureWeights, PredictFeatureWeightsWithImage
 from llmhyper.paths import PROGRAMS
 from llmhyper.store import read_json
 
@@ -36,6 +36,9 @@ class ProgramConfig:
     weight_bound: float = 3.0  # |w| above this is clamped (a schema cannot bound numbers)
     sample_temperature: float = 0.7  # for samples after the first and for retries
     hide_titles: bool = False  # show the LLM genres/date/poster only (ablation: no memorised fame)
+    vision: bool = (
+        False  # the LM sees images: the ad's image goes into the prompt (the paper's multimodal input)
+    )
 
     def __post_init__(self) -> None:
         for name, low in (("batch_size", 1), ("n_samples", 1), ("max_attempts", 1), ("max_regenerations", 0)):
@@ -68,6 +71,11 @@ def format_ad(ad: dict[str, Any], hide_title: bool = False) -> str:
     if ad.get("caption"):
         lines.append(f"Image: {ad['caption']}")
     return "\n".join(lines) or "(no content)"
+
+
+def ad_image(ad: dict[str, Any]) -> Any:
+    """The ad's image as a `dspy.Image` for a vision LM (None without one: the caption stands in)."""
+    return dspy.Image.from_path(str(ad["image"])) if ad.get("image") else None
 
 
 def format_examples(examples: list[dict[str, Any]], hide_titles: bool = False) -> str:
@@ -145,7 +153,7 @@ class LLMHyper(dspy.Module):
         self.judge_lm = judge_lm
         # a short rationale: long ones from small models loop and get cut at max_tokens
         self.predict_weights = dspy.ChainOfThought(
-            PredictFeatureWeights,
+            PredictFeatureWeightsWithImage if self.config.vision else PredictFeatureWeights,
             rationale_field=dspy.OutputField(
                 desc="at most two short sentences: who will click this ad, and which of these features matter"
             ),
@@ -166,7 +174,13 @@ class LLMHyper(dspy.Module):
         return [features[i : i + b] for i in range(0, len(features), b)]
 
     def _sample_batch(
-        self, ad_txt: str, ex_txt: str, batch: list[dict[str, str]], examples: list[dict[str, Any]], tag: str
+        self,
+        ad_txt: str,
+        ex_txt: str,
+        batch: list[dict[str, str]],
+        examples: list[dict[str, Any]],
+        tag: str,
+        image: Any = None,
     ) -> dict[str, Any]:
         """One sample of one batch; an unparseable answer is retried, and an answer that covers only some
         features is kept while the next attempt asks for the rest. Never raises for LLM trouble."""
@@ -183,8 +197,13 @@ class LLMHyper(dspy.Module):
                 {} if rollout == "s0-a0" else {"rollout_id": rollout, "temperature": cfg.sample_temperature}
             )
             try:
+                seen = {"image": image} if self.config.vision else {}
                 pred = self.predict_weights(
-                    ad=ad_txt, examples=ex_txt, features=format_features(pending, examples), config=config
+                    ad=ad_txt,
+                    examples=ex_txt,
+                    features=format_features(pending, examples),
+                    config=config,
+                    **seen,
                 )
                 got, clamped = check_weights(pred.weights, names, cfg.weight_bound, partial=True)
             except (dspy.utils.exceptions.AdapterParseError, WeightParseError) as exc:
@@ -226,9 +245,12 @@ class LLMHyper(dspy.Module):
         batch: list[dict[str, str]],
         examples: list[dict[str, Any]],
         round_tag: str,
+        image: Any = None,
     ) -> dict[str, Any]:
         samples = [
-            self._sample_batch(ad_txt, ex_txt, batch, examples, f"{round_tag}s{s}" if round_tag else f"s{s}")
+            self._sample_batch(
+                ad_txt, ex_txt, batch, examples, f"{round_tag}s{s}" if round_tag else f"s{s}", image
+            )
             for s in range(self.config.n_samples)
         ]
         return {"features": [f["name"] for f in batch], "samples": samples}
@@ -249,7 +271,8 @@ class LLMHyper(dspy.Module):
         cfg = self.config
         ad_txt = format_ad(ad, cfg.hide_titles)
         ex_txt = format_examples(examples, cfg.hide_titles)
-        batches = [self._run_batch(ad_txt, ex_txt, b, examples, "") for b in self.batches(features)]
+        image = ad_image(ad) if cfg.vision else None
+        batches = [self._run_batch(ad_txt, ex_txt, b, examples, "", image) for b in self.batches(features)]
         judge_rounds: list[dict[str, Any]] = []
         flags: list[str] = []
         if cfg.use_judge:
@@ -268,6 +291,7 @@ class LLMHyper(dspy.Module):
                             [f for f in features if f["name"] in b["features"]],
                             examples,
                             f"r{round_no + 1}",
+                            image,
                         )
                         fresh["regenerated_for"] = sorted(bad & set(b["features"]))
                         batches[i] = fresh

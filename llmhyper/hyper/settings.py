@@ -34,6 +34,7 @@ class GenerateSettings:
     samples: int = 1
     judge: bool = True
     hide_titles: bool = False
+    vision: bool = False  # the LM sees images: each ad's image goes into the prompt
     limit: int | None = None  # only the first N ads
     ads: tuple[str, ...] | None = None  # these ads (default: the data set's cold ads)
     force: bool = False  # continue a folder made with other settings
@@ -82,6 +83,7 @@ class GenerateSettings:
             n_samples=self.samples,
             use_judge=self.judge,
             hide_titles=self.hide_titles,
+            vision=self.vision,
         )
 
     def program_path(self) -> Path | None:
@@ -132,6 +134,8 @@ def run_settings(settings: GenerateSettings, data: CTRData | None = None) -> dic
     }
     if lm.seed is not None:
         out["lm_seed"] = lm.seed
+    if settings.vision:  # recorded only when on, so runs made before the option still resume
+        out["vision"] = True
     if judge is not lm:
         out["judge_lm_settings"] = judge.record()
     if data is not None:

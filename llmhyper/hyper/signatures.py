@@ -57,3 +57,10 @@ class JudgeWeights(dspy.Signature):
     improper_features: list[str] = dspy.OutputField(
         desc="features whose pairing with this ad is improper (empty if none)"
     )
+
+
+# for LMs that see images (--vision): the ad's image after the batch's features, as the paper's multimodal
+# input; the same instructions, so a compiled program's text applies to both
+PredictFeatureWeightsWithImage = PredictFeatureWeights.append(
+    "image", dspy.InputField(desc="the new ad's image (absent for ads without one)"), type_=dspy.Image | None
+)

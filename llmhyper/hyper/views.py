@@ -44,7 +44,13 @@ def captions_for(prep: Prepared, encoder, ad_ids: list[str]) -> dict[str, str]:
 
 def ad_view(prep: Prepared, ad_id: str, captions: dict[str, str]) -> dict[str, Any]:
     ad = prep.data.ad_by_id[ad_id]
-    return {"id": ad.id, "title": ad.title, "text": ad.text, "caption": ad.caption or captions.get(ad_id)}
+    return {
+        "id": ad.id,
+        "title": ad.title,
+        "text": ad.text,
+        "caption": ad.caption or captions.get(ad_id),
+        "image": ad.image,  # for LMs that see images (ProgramConfig.vision)
+    }
 
 
 def demonstrations(prep: Prepared, ad_id: str, captions: dict[str, str]) -> list[dict[str, Any]]:

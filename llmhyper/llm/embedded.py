@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from llmhyper._lazy import require
 from llmhyper.errors import LLMHyperError, MissingDependency, ModelIntegrityError
-from llmhyper.paths import cache_dir
+from llmhyper.paths import model_dir
 from llmhyper.store import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def ensure_embedded_model(
 ) -> Path:
     """The path of the verified embedded GGUF, joining the slices the first time.
 
-    ``cache`` is the cache root (default `cache_dir()`); the file is ``<cache>/models/<name>.gguf``.
+    ``cache`` is the cache root; the file is ``<cache>/models/<name>.gguf`` (default: `paths.model_dir()`).
     Later calls take the fast path: a ``.sha256`` sidecar, written only after a full hash check, vouches
     for the file while its size and mtime are unchanged. Otherwise an existing file of the right size is
     re-hashed, and anything else (missing, truncated, wrong hash) is re-joined from the slices.
@@ -241,8 +241,7 @@ def ensure_embedded_model(
     MissingDependency (with the pip hint) if a slice package is missing.
     """
     model = model or EMBEDDED_MODEL
-    root = Path(cache) if cache is not None else cache_dir()
-    models_dir = root / "models"
+    models_dir = Path(cache) / "models" if cache is not None else model_dir()
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / model.filename
     if _sidecar_vouches(target, model):

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from llmhyper.ctr.warmup import markdown as warmup_markdown
+from llmhyper.ctr.warmup import svg as warmup_svg
 from llmhyper.fmt import ci_cell, diff_cell, md_table
 from llmhyper.report.gather import METRIC_KEYS, METRIC_NAMES
 from llmhyper.report.svg import bars_svg, calibration_svg, colour_bar_svg, esc, heatmap_svg
@@ -198,12 +200,23 @@ def render_html(rep: dict[str, Any]) -> str:
             html_table(*calibration_rows(rep), "calibration"),
             "</section>",
             *sec,
+            _warmup_html(rep.get("warmup")),
             "</body></html>",
         ]
     )
 
 
 # -- Markdown ---------------------------------------------------------------------------------------
+
+
+def _warmup_html(result: dict[str, Any] | None) -> str:
+    """The warm-up curves (AUC against impressions per prior) and the headline table, when given."""
+    if not result:
+        return ""
+    return (
+        '<section id="warmup"><h2>Warm-up: from the prior to trained weights</h2>'
+        f"{warmup_svg(result)}<pre>{esc(warmup_markdown(result))}</pre></section>"
+    )
 
 
 def render_markdown(rep: dict[str, Any]) -> str:
@@ -243,6 +256,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
                 out += [md_table(h, r), ""]
         else:
             out += [f"Not given: run `{HOWTO[key]}` and pass `--{key} FOLDER`.", ""]
+    if rep.get("warmup"):
+        out += ["## Warm-up: from the prior to trained weights", "", warmup_markdown(rep["warmup"]), ""]
     return "\n".join(out)
 
 
