@@ -86,6 +86,22 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_ranking_args(p: argparse.ArgumentParser) -> None:
+    """How serve and score rank: the judge-flag threshold and the catalogue (shared, so they rank alike)."""
+    p.add_argument(
+        "--flag-threshold",
+        type=positive_float,
+        default=1.0,
+        help="drop a judge-flagged ad for users with |standardised flagged feature| >= this",
+    )
+    p.add_argument(
+        "--catalog",
+        choices=["generated", "union"],
+        default="generated",
+        help="rank the generated ads, or also ads only the trained artifact has",
+    )
+
+
 def data_settings(args: argparse.Namespace) -> DataSettings:
     folder = Path(args.data).expanduser().resolve() if getattr(args, "data", None) is not None else None
     return DataSettings(dataset=args.dataset, folder=folder, posters=args.posters, seed=args.seed)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llmhyper.cli.common import finite_float, positive_int
+from llmhyper.cli.common import add_ranking_args, positive_int
 from llmhyper.serve.batch import ScoreSettings, raw_features, score_file
 from llmhyper.serve.ray_jobs import RaySettings, score_file_ray
 from llmhyper.serve.scorer import Scorer
@@ -30,18 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--k", type=positive_int, default=10, help="ads per user")
     p.add_argument("--out", required=True, help="output Parquet file (replaced atomically)")
     p.add_argument("--chunk", type=positive_int, default=50_000, help="users read and ranked at once")
-    p.add_argument(
-        "--flag-threshold",
-        type=finite_float,
-        default=1.0,
-        help="drop a judge-flagged ad for users with |standardised flagged feature| >= this",
-    )
-    p.add_argument(
-        "--catalog",
-        choices=["generated", "union"],
-        default="generated",
-        help="rank the generated ads (default) or also ads only the trained artifact has",
-    )
+    add_ranking_args(p)
     scale = p.add_mutually_exclusive_group()
     scale.add_argument(
         "--raw-features",

@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 from llmhyper._lazy import require
-from llmhyper.cli.common import non_negative_float, port_number, positive_float, positive_int
+from llmhyper.cli.common import (
+    add_ranking_args,
+    non_negative_float,
+    port_number,
+    positive_float,
+    positive_int,
+)
 from llmhyper.serve.app import DEFAULT_HOST, DEFAULT_PORT, create_app, host_warning
 from llmhyper.serve.feedback import FeedbackService, FeedbackSettings
 from llmhyper.serve.workers import (
@@ -31,18 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--trained", help="artifact of trained per-ad models; these ads are served from it")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to bind")
     p.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="TCP port")
-    p.add_argument(
-        "--flag-threshold",
-        type=positive_float,
-        default=1.0,
-        help="drop a judge-flagged ad for users with |standardised flagged feature| >= this",
-    )
-    p.add_argument(
-        "--catalog",
-        choices=["generated", "union"],
-        default="generated",
-        help="serve the generated ads or also ads only the trained artifact has",
-    )
+    add_ranking_args(p)
     p.add_argument("--log-level", default="info")
     p.add_argument(
         "--workers",
