@@ -24,11 +24,12 @@ def number(kind: type, *, low: float | None = None, high: float | None = None, s
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         too_low = low is not None and (value <= low if strict_low else value < low)
         if too_low or (high is not None and value > high):
-            bound = (
-                f"above {low:g}"
-                if strict_low
-                else (f"{low:g} or more" if high is None else f"{low:g}-{high:g}")
-            )
+            if strict_low:
+                bound = f"above {low:g}"
+            elif high is not None:
+                bound = f"{low:g}-{high:g}"
+            else:
+                bound = "0 or more" if low == 0 else f"at least {low:g}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
