@@ -13,6 +13,7 @@ import platform
 import re
 import shlex
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -134,3 +135,22 @@ def single_thread(n: int = 1) -> None:
         threadpool_limits(n)
     except ImportError:
         pass
+
+
+def wait_healthy(proc, port: int, timeout: float):
+    """Wait until a served `llmhyper serve` process answers GET /health; kill it and raise if it exits
+    or does not come up in `timeout` seconds. Returns the process."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client(trust_env=False, timeout=2.0) as c:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if c.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"the server did not come up within {timeout:.0f} s")

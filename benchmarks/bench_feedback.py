@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import ROOT, pct, single_thread, update_section
+from _common import ROOT, pct, single_thread, update_section, wait_healthy
 
 single_thread(1)
 
@@ -80,18 +80,7 @@ def start_server(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 120
-    with httpx.Client(trust_env=False, timeout=2.0) as c:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if c.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the server did not come up")
+    return wait_healthy(proc, port, 120)
 
 
 def ingest(url: str, n_ads: int, d: int, per_request: int, clients: int, seconds: float, tag: str):

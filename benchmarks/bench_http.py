@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import ROOT, pct, single_thread, update_section
+from _common import ROOT, pct, single_thread, update_section, wait_healthy
 
 single_thread(1)
 
@@ -45,18 +45,7 @@ def start_server(weights: str, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "llmhyper.cli.main", "serve", "--weights", weights,
                              "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    with httpx.Client(trust_env=False, timeout=2.0) as c:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if c.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                time.sleep(0.1)
-    proc.terminate()
-    raise RuntimeError("the server did not come up within 60 s")
+    return wait_healthy(proc, port, 60)
 
 
 def load(url: str, n_features: int, requests: int, clients: int, seconds: float, k: int, batch: int):
