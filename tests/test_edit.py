@@ -111,9 +111,12 @@ class ScriptedServer:
 
     def complete(self, body):
         self.bodies.append(body)
-        names = re.findall(r'"([^"]+): "', body.get("grammar", ""))
-        assert names and body["logprobs"] and body["temperature"] == 0.0, f"unexpected request {body}"
+        grammar = body.get("grammar", "")
+        names = re.findall(r'"([^"]+): "', grammar)
         prompt = body["messages"][-1]["content"]
+        if not names and "[1-5]" in grammar:  # the digits layout: the features numbered in the prompt
+            return self._digits(body, prompt, grammar)
+        assert names and body["logprobs"] and body["temperature"] == 0.0, f"unexpected request {body}"
         content = []
         for n in names:
             probs = self.policy(n, prompt)
@@ -129,8 +132,28 @@ class ScriptedServer:
                 "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": 5 * len(names)}}, False
 
 
+    def _digits(self, body, prompt, grammar):
+        names = re.findall(r"^\d+\. ([^:\s]+):", prompt, re.M)
+        assert names and len(names) == grammar.count("[1-5]") and body["logprobs"], f"unexpected request {body}"
+        content = []
+        for i, n in enumerate(names):
+            if i and i % 10 == 0:
+                content.append({"token": " ", "logprob": 0.0, "top_logprobs": []})
+            probs = self.policy(n, prompt)
+            content.append({"token": LABELS[int(np.argmax(probs))], "logprob": 0.0,
+                            "top_logprobs": [{"token": lab, "logprob": math.log(p)}
+                                             for lab, p in zip(LABELS, probs) if p > 0]})
+        return {"choices": [{"message": {"content": ""}, "logprobs": {"content": content}}],
+                "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(content)}}, False
+
+
+def new_ad_text(prompt):
+    """The new ad's text in either layout (lines: before the past ads; digits: after them)."""
+    return prompt.split("New ad:")[1].split("Similar past ads")[0].split("Right answers:")[0]
+
+
 def gardener(name, prompt):
-    if name == "interest_gardening" and "garden" in prompt.split("New ad:")[1].split("Similar past ads")[0]:
+    if name == "interest_gardening" and "garden" in new_ad_text(prompt):
         return [0.0, 0.0, 0.2, 0.3, 0.5]
     return [0.0, 0.0, 1.0, 0.0, 0.0]
 
@@ -207,3 +230,75 @@ def test_chat_client_caches_by_identity_and_request(tmp_path, monkeypatch):
     other = ChatClient(base_url="http://127.0.0.1:2/v1", api_key=None, model="m", identity="sha-B", cache=tmp_path)
     monkeypatch.setattr(other, "_post", lambda body: posted.append(body) or {"choices": [], "n": len(posted)})
     assert other.complete({"messages": [], "max_tokens": 1})[1] is False  # another model: never its cache
+
+
+# -- the digits layout, the gate and the saved program ----------------------------------------------
+
+
+def test_digits_grammar_and_reader_follow_the_groups_and_merged_digit_tokens():
+    from llmhyper.llm.logprobs import digits_grammar, read_digit_labels
+
+    g = digits_grammar(12, 10)
+    assert g.count("[1-5]") == 12 and g.count('" "') == 1 and g.endswith('"\\n"')
+    with pytest.raises(LLMHyperError):
+        digits_grammar(0)
+    names = [f"f{i}" for i in range(12)]
+    lp = lambda p: [{"token": lab, "logprob": math.log(x)} for lab, x in zip(LABELS, p) if x > 0]  # noqa: E731
+    content = [{"token": "4", "top_logprobs": lp([0, 0, 0.5, 0.5, 0])}] + [
+        {"token": "3", "top_logprobs": []} for _ in range(8)
+    ] + [{"token": "25", "top_logprobs": []}, {"token": " ", "top_logprobs": []}, {"token": "1", "top_logprobs": []}]
+    got = read_digit_labels({"choices": [{"logprobs": {"content": content}}]}, names)
+    assert got["f0"] == pytest.approx([0, 0, 0.5, 0.5, 0])
+    assert got["f9"] == [0, 1, 0, 0, 0] and got["f10"] == [0, 0, 0, 0, 1]  # the merged "25"
+    assert got["f11"] == [1, 0, 0, 0, 0]
+    short = read_digit_labels({"choices": [{"logprobs": {"content": content[:9]}}]}, names)
+    assert len(short) == 9 and "f9" not in short  # an answer cut short: the rest keep the prior
+    assert expected_label(got["f0"]) == pytest.approx(0.5)
+
+
+def test_digits_layout_puts_the_numbered_definitions_first_and_the_new_ad_last():
+    server = ScriptedServer(gardener)
+    prog = EditProgram(EditConfig(mode="logprobs", layout="digits", shots=1), client=server)
+    pred = prog(ad=AD, examples=EXAMPLES, features=FEATURES, prior=PRIOR)
+    assert pred.calls == 1 and pred.failed_features == []  # one call for every feature
+    assert pred.edits["interest_gardening"] == pytest.approx(0.3 * 1 + 0.5 * 2)
+    text = server.bodies[0]["messages"][-1]["content"]
+    assert text.startswith("Features, numbered in answer order:\n1. interest_gardening:")
+    assert text.count("Past ad ") == 1 and text.rstrip().endswith("Right answers:")  # shots=1: one past ad
+    ex = EXAMPLES[0]
+    assert "Right answers: " + "".join(str(ex["edits"][f["name"]]) for f in FEATURES) in text
+
+
+def test_fit_gate_removes_a_position_bias_and_fits_a_gamma_per_group():
+    from llmhyper.hyper.edit import Gate, feature_groups, fit_gate
+
+    names = ["share_a", "share_b", "like_a", "like_b", "age"]
+    assert feature_groups(names) == ["share", "share", "like", "like", "other"]
+    rng = np.random.default_rng(0)
+    prior = rng.normal(size=(30, 5))
+    units = np.ones(5)
+    signal = rng.choice([-1.0, 0.0, 1.0], size=(30, 5))
+    edits = signal + np.array([1.0, 1.0, 0.0, 0.0, 0.0])  # the LM says "higher" for the first two always
+    trained = prior + signal * np.array([0.5, 0.5, 1.5, 1.5, 0.0])
+    raw = fit_gate(prior, edits, units, trained, feature_groups(names), debias=False, per_group=False)
+    fixed = fit_gate(prior, edits, units, trained, feature_groups(names), debias=True, per_group=True)
+    assert fixed.bias[:2] == pytest.approx([1.0 + signal[:, 0].mean(), 1.0 + signal[:, 1].mean()])
+    assert fixed.gamma[2] == pytest.approx(1.5, abs=0.05) and fixed.gamma[4] == 0.0
+    err = lambda g: np.abs(g.theta(prior, edits, units) - trained).sum()  # noqa: E731
+    assert err(fixed) < err(raw)
+    legacy = Gate.from_manifest({"gamma": 0.7}, 5)
+    assert legacy.gamma.tolist() == [0.7] * 5 and legacy.bias.tolist() == [0.0] * 5
+    with pytest.raises(LLMHyperError):
+        Gate.from_manifest({"gamma": 1.0, "gate": {"gamma": [1.0], "bias": [0.0]}}, 5)
+
+
+def test_the_saved_program_holds_its_configuration_and_gate(tmp_path):
+    prog = EditProgram(EditConfig(mode="text", layout="digits", shots=2))
+    prog.save(str(tmp_path / "seed.json"))
+    prog.gate = {"gamma": [0.5], "bias": [0.0]}
+    prog.save(str(tmp_path / "compiled.json"))
+    seed, compiled = (json.loads((tmp_path / f).read_text()) for f in ("seed.json", "compiled.json"))
+    assert seed["config"]["shots"] == 2 and "gate" not in seed and compiled["gate"]["gamma"] == [0.5]
+    again = EditProgram(EditConfig(mode="text"))
+    again.load(str(tmp_path / "compiled.json"))
+    assert again.gate == {"gamma": [0.5], "bias": [0.0]} and again.instructions == prog.instructions

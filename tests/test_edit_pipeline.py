@@ -5,6 +5,7 @@ the edited weights beat the prior on the cold ads; an LM that reads nothing gets
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,12 +21,12 @@ from llmhyper.optimize.edit_compile import EditRunSettings, compile_edit, load_e
 from llmhyper.runs import RunBusy, RunDir
 from llmhyper.weights import WeightTable
 from tests.fakes import HashEncoder
-from tests.test_edit import ScriptedServer
+from tests.test_edit import ScriptedServer, new_ad_text
 
 
 def reader(name, prompt):
     """A scripted LM that reads the ad: 'much higher' for the interest named in the ad's own text."""
-    ad_text = prompt.split("New ad:")[1].split("Similar past ads:")[0]
+    ad_text = new_ad_text(prompt)
     m = re.search(r"people into (\w+)", ad_text)
     if m and name == f"interest_{m.group(1)}":
         return [0.0, 0.0, 0.05, 0.15, 0.8]
@@ -52,14 +53,19 @@ def cold_auc(prep, table: WeightTable) -> float:
     return float(pooled_auc(Y, data.X[users] @ table.theta.T + table.intercept, mask=M))
 
 
-def compile_and_run(prep, enc, tmp_path, policy, name):
+def variants(config, server, shots=(3, 0)):
+    return {f"shots-{n}": EditProgram(replace(config, shots=n), client=server) for n in shots}
+
+
+def compile_and_run(prep, enc, tmp_path, policy, name, layout="lines"):
     data = prep.data
     ctx = edit_context(prep, list(data.cold_ads), enc, group_by="topics")
     settings = EditRunSettings(data=DataSettings(dataset="synthetic-unseen"), encoder=enc.name, k=3,
-                               lm={"spec": "scripted"}, config=EditConfig(batch_size=20), group_by="topics")
+                               lm={"spec": "scripted"}, config=EditConfig(batch_size=20, layout=layout),
+                               group_by="topics")
     server = ScriptedServer(policy)
-    man = compile_edit(prep, ctx, EditProgram(settings.config, client=server), tmp_path / name, {}, settings,
-                       GateSettings(n_ads=24, seed=0), {"model": "scripted"}, progress=False)
+    man = compile_edit(prep, ctx, variants(settings.config, server), tmp_path / name, {}, settings,
+                       GateSettings(n_ads=36, seed=0), {"model": "scripted"}, progress=False)
     program, man2 = load_edit_program(tmp_path / f"{name}.json", server)
     assert man2["gamma"] == man["gamma"]
     out = tmp_path / f"{name}-run"
@@ -69,13 +75,16 @@ def compile_and_run(prep, enc, tmp_path, policy, name):
     return man, WeightTable.load(out / "weights"), ctx, server
 
 
-def test_a_reading_lm_earns_its_gate_and_beats_the_prior_where_only_text_can_tell(world, tmp_path):
+@pytest.mark.parametrize("layout", ["lines", "digits"])
+def test_a_reading_lm_earns_its_gate_and_beats_the_prior_where_only_text_can_tell(world, tmp_path, layout):
     syn, enc, prep = world
-    man, edited, ctx, server = compile_and_run(prep, enc, tmp_path, reader, "reader")
+    man, edited, ctx, server = compile_and_run(prep, enc, tmp_path, reader, "reader", layout)
     v = man["validation"]
     assert man["gamma"] > 0.2 and not man["lm_adds_nothing"]
-    assert v["validation_auc_edited"] > v["validation_auc_prior"]
-    assert man["sha256"] != man["seed_sha256"] or man["seed_sha256"]  # both recorded
+    assert v["validation_auc_edited"] > v["validation_auc_prior"]  # on the report third, not chosen on
+    assert man["sha256"] != man["seed_sha256"]  # the compiled program holds its gate
+    assert v["metric_calls"] > v["lm_calls"] and len(v["candidates"]) == 1 + 2 * 4
+    assert (tmp_path / "reader.search.md").read_text().count("| shots-") == 8
     cold = list(prep.data.cold_ads)
     prior = WeightTable("prior", cold, ctx.feature_names, np.stack([ctx.theta[a] for a in cold]),
                         np.array([ctx.intercept[a] for a in cold]))
@@ -103,9 +112,9 @@ def test_the_gate_run_resumes_from_its_records_and_refuses_a_second_process(worl
     ctx = edit_context(prep, list(data.cold_ads), enc, group_by="topics")
     settings = EditRunSettings(data=DataSettings(dataset="synthetic-unseen"), encoder=enc.name, k=3,
                                lm={"spec": "scripted"}, config=EditConfig(batch_size=20), group_by="topics")
-    compile_edit(prep, ctx, EditProgram(settings.config, client=server), tmp_path / "r1", {}, settings,
-                 GateSettings(n_ads=24, seed=0), {"model": "scripted"}, progress=False)
+    compile_edit(prep, ctx, variants(settings.config, server), tmp_path / "r1", {}, settings,
+                 GateSettings(n_ads=36, seed=0), {"model": "scripted"}, progress=False)
     assert server.bodies == []  # every validation ad came from its record
-    assert len(validation_ads(prep, GateSettings(n_ads=24, seed=0))) == 24
-    with RunDir(tmp_path / "r1.gate"), pytest.raises(RunBusy):
-        RunDir(tmp_path / "r1.gate").acquire()
+    assert len(validation_ads(prep, GateSettings(n_ads=36, seed=0))) == 36
+    with RunDir(tmp_path / "r1.gate" / "shots-3"), pytest.raises(RunBusy):
+        RunDir(tmp_path / "r1.gate" / "shots-3").acquire()

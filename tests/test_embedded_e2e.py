@@ -74,6 +74,11 @@ def test_real_model_labels_every_feature_from_log_probabilities(tmp_path):
         program = EditProgram(EditConfig(mode="logprobs"), client=client)
         pred = program(ad=ad, examples=[], features=features, prior=prior)
         again = program(ad=ad, examples=[], features=features, prior=prior)
+        digits = EditProgram(EditConfig(mode="logprobs", layout="digits"), client=client)
+        short = digits(ad=ad, examples=[], features=features, prior=prior)
+    assert short.failed_features == [] and short.parse_failures == 0 and short.calls == 1
+    assert all(sum(short.distributions[n]) == pytest.approx(1.0) for n in prior)
+    assert short.tokens["completion_tokens"] < pred.tokens["completion_tokens"]  # the point of the layout
     assert pred.failed_features == [] and pred.parse_failures == 0 and pred.calls == 1
     for name in prior:
         assert sum(pred.distributions[name]) == pytest.approx(1.0)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from llmhyper.cli.common import add_data_args, data_settings, positive_int
 from llmhyper.ctr.prepare import prepare
 from llmhyper.data import load_dataset
 from llmhyper.errors import LLMHyperError
-from llmhyper.hyper.edit import MODES, EditConfig, EditProgram
+from llmhyper.hyper.edit import LAYOUTS, MODES, EditConfig, EditProgram
 from llmhyper.hyper.edit_inputs import edit_context, held_out_neighbours
 from llmhyper.hyper.edit_run import GateSettings, validation_ads
 from llmhyper.hyper.views import captions_for
@@ -45,7 +46,19 @@ def add_parser(sub) -> None:
         q.add_argument("--quiet", action="store_true", help="no per-ad progress lines")
     c.add_argument("--out", default="programs/edit_ml100k", help="program path without .json")
     c.add_argument("--mode", choices=MODES, default="logprobs", help="how labels are read")
-    c.add_argument("--validation-ads", type=positive_int, default=40, help="held-out retired ads")
+    c.add_argument("--layout", choices=LAYOUTS, default="digits", help="prompt layout of the logprobs mode")
+    c.add_argument(
+        "--shots",
+        type=shots_list,
+        default=[3, 0],
+        help="prompt variants to search: past ads shown, comma-separated; the first is the seed",
+    )
+    c.add_argument(
+        "--validation-ads",
+        type=positive_int,
+        default=60,
+        help="held-out retired ads (thirds: fit the gate, choose it, report it)",
+    )
     c.add_argument(
         "--group-by",
         help="metadata field (e.g. topics): held-out retired ads get a prior fit "
@@ -57,6 +70,18 @@ def add_parser(sub) -> None:
     r.add_argument("--limit", type=positive_int, help="only the first N cold ads")
     r.add_argument("--mode", choices=MODES, help="override the compiled mode")
     r.set_defaults(func=run_run)
+
+
+def shots_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers of past ads, got {text!r}"
+        ) from None
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"expected distinct numbers 0 or more, got {text!r}")
+    return out
 
 
 def _setup(args: argparse.Namespace, config: EditConfig, group_by: str | None):
@@ -80,7 +105,7 @@ def _setup(args: argparse.Namespace, config: EditConfig, group_by: str | None):
 def run_compile(args: argparse.Namespace) -> int:
     import dspy
 
-    config = EditConfig(mode=args.mode)
+    config = EditConfig(mode=args.mode, layout=args.layout)
     data, encoder, prep, lm_settings, settings = _setup(args, config, args.group_by)
     gate = GateSettings(n_ads=args.validation_ads, seed=args.seed)
     ids = validation_ads(prep, gate)
@@ -89,11 +114,14 @@ def run_compile(args: argparse.Namespace) -> int:
     captions = captions_for(prep, encoder, sorted(set(ids) | {n.ad_id for v in nbs.values() for n in v}))
     with build_lm(lm_settings) as handle, dspy.context(lm=handle.lm):
         client = client_for_handle(handle, cache_dir() / "lm-logprobs") if config.mode == "logprobs" else None
-        program = EditProgram(config, client=client)
+        programs = {
+            f"shots-{n}": EditProgram(replace(config, shots=min(n, args.k)), client=client)
+            for n in args.shots
+        }
         man = compile_edit(
             prep,
             ctx,
-            program,
+            programs,
             Path(args.out),
             captions,
             settings,
@@ -105,9 +133,10 @@ def run_compile(args: argparse.Namespace) -> int:
     print(
         json.dumps(
             {
-                k: v[k]
+                k: {**man, **v}[k]
                 for k in (
                     "gamma",
+                    "chosen",
                     "validation_auc_prior",
                     "validation_auc_edited",
                     "metric_calls",

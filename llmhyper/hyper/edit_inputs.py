@@ -20,7 +20,7 @@ from llmhyper.ctr.prior import (
     select_prior,
 )
 from llmhyper.errors import LLMHyperError
-from llmhyper.hyper.edit import edited_theta, right_edits
+from llmhyper.hyper.edit import Gate, right_edits
 from llmhyper.hyper.views import ad_view
 
 
@@ -133,20 +133,27 @@ def edit_examples(
     return out
 
 
+def edit_vector(ctx: EditContext, edits: dict[str, float]) -> np.ndarray:
+    """The labels in feature order (NaN where the LM gave none)."""
+    return np.array([edits.get(f, np.nan) for f in ctx.feature_names], dtype=np.float64)
+
+
 def edit_weights(
-    ctx: EditContext, ad_id: str, edits: dict[str, float], gamma: float
+    ctx: EditContext, ad_id: str, edits: dict[str, float], gate: Gate | float
 ) -> tuple[np.ndarray, float]:
     """The edited raw weights and the prior's intercept (features without an edit keep the prior)."""
-    e = np.array([edits.get(f, np.nan) for f in ctx.feature_names], dtype=np.float64)
-    return edited_theta(ctx.theta[ad_id], e, ctx.units, gamma), ctx.intercept[ad_id]
+    if not isinstance(gate, Gate):
+        gate = Gate.scalar(float(gate), len(ctx.feature_names))
+    return gate.theta(ctx.theta[ad_id], edit_vector(ctx, edits), ctx.units), ctx.intercept[ad_id]
 
 
 def finish_edit(
-    prep: Prepared, ctx: EditContext, ad_id: str, edits: dict[str, float], gamma: float, alpha: float
+    prep: Prepared, ctx: EditContext, ad_id: str, edits: dict[str, float], gate: Gate | float, alpha: float
 ) -> dict[str, Any]:
     """A servable record: raw edited weights with the prior's intercept, and the calibrated version
     (L2 norm + intercept shift to the neighbours' alpha), like every other generated record."""
-    theta, b = edit_weights(ctx, ad_id, edits, gamma)
+    theta, b = edit_weights(ctx, ad_id, edits, gate)
+    gamma = gate.record() if isinstance(gate, Gate) else gate
     theta_n, delta = normalize_and_calibrate(theta, prep.X_cal, alpha)
     names = ctx.feature_names
     return {
@@ -162,4 +169,4 @@ def finish_edit(
     }
 
 
-__all__ = ["EditContext", "edit_context", "edit_examples", "edit_weights", "finish_edit"]
+__all__ = ["EditContext", "edit_context", "edit_examples", "edit_vector", "edit_weights", "finish_edit"]

@@ -5,8 +5,8 @@ prior is out of fold and whose neighbours exclude itself) and keeps one record p
 labels and their distributions, tokens, seconds. Because a record keeps the labels, the weights for any
 gamma are recomputed from the records without calling the LM again (`edit_table`).
 
-`compile_gate` is the compile of this shape: on held-out retired ads it fits gamma on one half and scores
-the other half's pooled AUC with gamma = 0 (the prior alone) and with the fitted gamma.
+`compile_gate` is the compile of this shape: it runs each prompt variant on held-out retired ads (one run
+folder per variant) and searches the gates over their labels (`edit_gate.search_gates`).
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from llmhyper.ctr.metrics import pooled_auc
 from llmhyper.ctr.prepare import Prepared
 from llmhyper.data.scaling import stamp_scaling
 from llmhyper.errors import LLMHyperError
-from llmhyper.hyper.edit import EditProgram, fit_gamma
+from llmhyper.hyper.edit import EditProgram, Gate
+from llmhyper.hyper.edit_gate import search_gates
 from llmhyper.hyper.edit_inputs import (
     EditContext,
     edit_examples,
+    edit_vector,
     edit_weights,
     finish_edit,
     held_out_neighbours,
@@ -111,7 +112,7 @@ def edit_table(
     ctx: EditContext,
     records: dict[str, dict[str, Any]],
     ad_ids: list[str],
-    gamma: float,
+    gate: Gate | float,
     calibrate: bool,
     method: str = METHOD,
 ) -> WeightTable:
@@ -121,11 +122,11 @@ def edit_table(
     thetas, bs = [], []
     for a in ids:
         if calibrate:
-            rec = finish_edit(prep, ctx, a, records[a]["edits"], gamma, prep.alphas[a])
+            rec = finish_edit(prep, ctx, a, records[a]["edits"], gate, prep.alphas[a])
             thetas.append([rec["normalized_weights"][f] for f in ctx.feature_names])
             bs.append(rec["delta"])
         else:
-            theta, b = edit_weights(ctx, a, records[a]["edits"], gamma)
+            theta, b = edit_weights(ctx, a, records[a]["edits"], gate)
             thetas.append(theta)
             bs.append(b)
     d = len(ctx.feature_names)
@@ -136,7 +137,7 @@ def edit_table(
         np.array(thetas).reshape(len(ids), d),
         np.array(bs),
         meta={
-            "gamma": gamma,
+            "gamma": gate.record() if isinstance(gate, Gate) else gate,
             "calibrated": calibrate,
             "prior": ctx.prior.meta.get("chosen_by"),
             "prior_inputs": ctx.prior.inputs,
@@ -154,54 +155,35 @@ def validation_ads(prep: Prepared, settings: GateSettings) -> list[str]:
     return [pool[i] for i in order[: min(settings.n_ads, len(pool))]]
 
 
-def gate_scores(
-    prep: Prepared, ctx: EditContext, records: dict[str, dict[str, Any]], ids: list[str], gamma: float
-) -> float:
-    """Pooled AUC over train users x `ids` (retired ads held out) of the prior edited with `gamma`."""
-    data = prep.data
-    users = data.train_users
-    _, Y, M = data.block(users, ids)
-    th = np.stack([edit_weights(ctx, a, records[a]["edits"], gamma)[0] for a in ids])
-    b = np.array([ctx.intercept[a] for a in ids])
-    return float(pooled_auc(Y, data.X[users] @ th.T + b, mask=M))
-
-
 def compile_gate(
     prep: Prepared,
     ctx: EditContext,
-    program: EditProgram,
-    run: RunDir,
+    programs: dict[str, EditProgram],
+    runs: dict[str, RunDir],
     captions: dict[str, str],
     settings: GateSettings,
-    run_settings: dict[str, Any],
+    run_settings: dict[str, dict[str, Any]],
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the program on held-out retired ads, fit gamma on half of them, score the other half."""
+    """Run each prompt variant on the held-out retired ads (each into its run folder), then search the
+    gates over their labels. Ads a variant could not label are left out of every candidate's score."""
     ids = validation_ads(prep, settings)
     nbs = held_out_neighbours(prep, ctx, ids)  # never itself, nor (when grouped) its own group
-    records = edit_ads(prep, ctx, program, ids, run, run_settings, captions, nbs, progress)
-    ok = [a for a in ids if a in records]
-    if len(ok) < 4:
-        raise LLMHyperError(f"only {len(ok)} of {len(ids)} validation ads have labels; cannot fit gamma")
-    fit, check = ok[::2], ok[1::2]
-    pool = prep.retired
-    rows = pool.index_of(fit)
-    edits = np.array([[records[a]["edits"].get(f, np.nan) for f in ctx.feature_names] for a in fit])
-    prior = np.stack([ctx.theta[a] for a in fit])
-    gamma = fit_gamma(prior, edits, ctx.units, pool.theta[rows], settings.max_gamma)
-    before = gate_scores(prep, ctx, records, check, 0.0)
-    after = gate_scores(prep, ctx, records, check, gamma)
-    calls = sum(int(r.get("calls", 0)) for r in records.values())
+    records = {
+        v: edit_ads(prep, ctx, p, ids, runs[v], run_settings[v], captions, nbs, progress)
+        for v, p in programs.items()
+    }
+    ok = [a for a in ids if all(a in r for r in records.values())]
+    labels = {v: {a: edit_vector(ctx, r[a]["edits"]) for a in ok} for v, r in records.items()}
+    result = search_gates(prep, ctx, labels, ok, settings.max_gamma)
+    recs = [r[a] for r in records.values() for a in ok]
     return {
-        "gamma": gamma,
-        "validation_auc_prior": before,
-        "validation_auc_edited": after,
-        "fit_ads": fit,
-        "check_ads": check,
-        "metric_calls": len(ok),
-        "lm_calls": calls,
-        "parse_failures": sum(int(r.get("parse_failures", 0)) for r in records.values()),
-        "seconds": round(sum(float(r.get("seconds", 0)) for r in records.values()), 1),
+        **result,
+        "lm_calls": sum(int(r.get("calls", 0)) for r in recs),
+        "parse_failures": sum(int(r.get("parse_failures", 0)) for r in recs),
+        "prompt_tokens": sum(int(r.get("tokens", {}).get("prompt_tokens", 0)) for r in recs),
+        "completion_tokens": sum(int(r.get("tokens", {}).get("completion_tokens", 0)) for r in recs),
+        "seconds": round(sum(float(r.get("seconds", 0)) for r in recs), 1),
         "settings": asdict(settings),
         "finished": now(),
     }

@@ -36,6 +36,43 @@ def grammar_for(names: list[str]) -> str:
     return "root ::= " + " ".join(f'"{n}: " [1-5] "\\n"' for n in names)
 
 
+def digits_grammar(n: int, group: int = 10) -> str:
+    """A GBNF grammar for `n` digits 1-5 in groups of `group`, separated by single spaces."""
+    if n < 1:
+        raise LLMHyperError("a digits answer needs at least one feature")
+    sizes = [min(group, n - i) for i in range(0, n, group)]
+    return "root ::= " + ' " " '.join(" ".join(["[1-5]"] * s) for s in sizes) + ' "\\n"'
+
+
+def read_digit_labels(reply: dict[str, Any], names: list[str]) -> dict[str, list[float]]:
+    """Per feature in order, the label distribution at its digit in a digits answer (`3343 ...`). A token
+    holding one digit gives the LM's distribution; a token holding several (tokenisers that merge digits)
+    gives each digit as certain. Features beyond the answer are left out."""
+    tokens = _content_tokens(reply)
+    out: dict[str, list[float]] = {}
+    for tok in tokens:
+        text = str(tok.get("token", "")).strip()
+        digits = [c for c in text if c in LABELS]
+        if len(digits) == 1 and text == digits[0]:
+            if len(out) < len(names):
+                out[names[len(out)]] = label_distribution(tok.get("top_logprobs", []), digits[0])
+            continue
+        for c in digits:
+            if len(out) < len(names):
+                out[names[len(out)]] = [1.0 if lab == c else 0.0 for lab in LABELS]
+    return out
+
+
+def _content_tokens(reply: dict[str, Any]) -> list[dict[str, Any]]:
+    try:
+        return reply["choices"][0]["logprobs"]["content"] or []
+    except (KeyError, IndexError, TypeError):
+        raise LLMHyperError(
+            "the LM reply has no token log-probabilities (does the server support "
+            "'logprobs'? use the text mode otherwise)"
+        ) from None
+
+
 def label_distribution(top_logprobs: list[dict[str, Any]], chosen: str) -> list[float]:
     """Probabilities of the five labels at one token, renormalised over the labels among the top tokens
     (the chosen label alone when none of them is listed)."""
@@ -58,13 +95,7 @@ def expected_label(dist: list[float]) -> float:
 def read_labels(reply: dict[str, Any], names: list[str]) -> dict[str, list[float]]:
     """Per feature, the label distribution at its digit token in an OpenAI-style chat completion with
     `logprobs`. Features the reply does not answer are left out (the caller falls back to the prior)."""
-    try:
-        tokens = reply["choices"][0]["logprobs"]["content"] or []
-    except (KeyError, IndexError, TypeError):
-        raise LLMHyperError(
-            "the LM reply has no token log-probabilities (does the server support "
-            "'logprobs'? use the text mode otherwise)"
-        ) from None
+    tokens = _content_tokens(reply)
     wanted, out, line = set(names), {}, ""
     for tok in tokens:
         text = str(tok.get("token", ""))
