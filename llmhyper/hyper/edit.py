@@ -170,7 +170,9 @@ def fit_gate(
     """Least-squares gamma(s) on ads x features (rows: fit ads), after removing the mean label if asked."""
     edits = np.asarray(edits, dtype=np.float64)
     d = edits.shape[1]
-    bias = np.nan_to_num(np.nanmean(np.where(np.isnan(edits), 0.0, edits), axis=0)) if debias else np.zeros(d)
+    answered = ~np.isnan(edits)  # the mean over the ads that answered (a missing label is not a 3)
+    mean = np.where(answered, edits, 0.0).sum(axis=0) / np.maximum(answered.sum(axis=0), 1)
+    bias = mean if debias else np.zeros(d)
     centred = edits - bias
     gamma = np.zeros(d)
     for g in sorted(set(groups)) if per_group else [None]:
