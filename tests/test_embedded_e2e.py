@@ -86,3 +86,25 @@ def test_real_model_labels_every_feature_from_log_probabilities(tmp_path):
     assert pred.tokens["prompt_tokens"] > 50 and pred.tokens["completion_tokens"] >= 3 * 3
     assert again.edits == pred.edits and again.attempts[0]["cached"]
     print(json.dumps({"edits": pred.edits, "tokens": pred.tokens}, indent=1))
+
+
+def test_real_model_as_an_encoder_of_ads(tmp_path, monkeypatch):
+    """The LM's own embedding (the prior's optional `lm` block): unit vectors of its hidden size, the same
+    text gives the same vector, and a second pass is served from the embedding cache without a server."""
+    from llmhyper.llm.lm_encoder import EMBEDDED_DIM, LMTextEncoder
+    from llmhyper.retrieval.cache import embed_ads
+
+    monkeypatch.setenv("LLMHYPER_MODEL_DIR", str(model_dir()))
+    texts = ["Toy Story (1995). Animation, Children's, Comedy", "Schindler's List (1993). Drama, War"]
+    with LMTextEncoder(n_threads=2) as enc:
+        V = enc.encode_texts(texts + texts[:1])
+        assert V.shape == (3, EMBEDDED_DIM)
+        np.testing.assert_allclose(np.linalg.norm(V, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(V[0], V[2], atol=1e-4)
+        assert float(V[0] @ V[1]) < 0.9999
+        first = embed_ads(enc, ["a", "b"], texts, cache_dir=tmp_path, progress=False)
+    again = LMTextEncoder(n_threads=2)  # no server is started for cached texts
+    np.testing.assert_array_equal(
+        embed_ads(again, ["a", "b"], texts, cache_dir=tmp_path, progress=False), first
+    )
+    assert again._server is None

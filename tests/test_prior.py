@@ -13,10 +13,11 @@ import pytest
 from llmhyper.ctr import baselines as bl
 from llmhyper.ctr import prior as pr
 from llmhyper.ctr.evaluate import baseline_methods, best_prior, evaluate, markdown_table
-from llmhyper.ctr.prepare import prepare
+from llmhyper.ctr.prepare import ad_texts, prepare
 from llmhyper.data.contract import Ad
 from llmhyper.data.synthetic import UNSEEN_TOPICS, generate_synthetic
 from llmhyper.errors import DataError
+from llmhyper.retrieval.encoders import Encoder
 from tests.fakes import HashEncoder
 
 
@@ -210,3 +211,45 @@ def test_evaluate_shows_ridge_rows_and_pairs_against_best_prior(prep, world):
 def test_too_few_retired_ads_gives_no_rows(prep):
     small = type(prep)(**{**prep.__dict__, "retired": prep.retired.subset(prep.retired.ad_ids[:3])})
     assert pr.ridge_methods(small) == {}
+
+
+class _TableEncoder(Encoder):
+    """A text encoder that looks each text up in a table: stands in for an LM whose embedding of the ad
+    carries its weights."""
+
+    name = "test-table"
+
+    def __init__(self, table: dict[str, np.ndarray]):
+        self.table = table
+        self.dim = len(next(iter(table.values())))
+
+    def encode_texts(self, texts):
+        return np.stack([self.table[t] for t in texts]).astype(np.float32)
+
+    def encode_images(self, image_paths):
+        raise AssertionError("text only")
+
+    def caption(self, image_path, top=3):
+        raise AssertionError("text only")
+
+
+def test_an_extra_encoder_that_carries_the_weights_is_chosen(prep, world, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMHYPER_CACHE", str(tmp_path))
+    cold = world.data.cold_ads
+    ids = prep.retired.ad_ids + cold
+    truth = world.truth.subset(ids).aligned(world.data.feature_names)
+    rng = np.random.default_rng(0)
+    noisy = truth.theta + 0.1 * rng.standard_normal(truth.theta.shape)
+    enc = _TableEncoder(dict(zip(ad_texts(world.data, ids), noisy, strict=True)))
+    plain = pr.ridge_methods(prep, HashEncoder())["ridge"]
+    with_lm = pr.ridge_methods(prep, HashEncoder(), extra={"lm": enc})["ridge"]
+    cands = {tuple(c["inputs"]) for c in with_lm.meta["candidates"]}
+    assert {("lm",), ("vector", "lm"), ("meta", "lm")} <= cands  # alone, beside the ad vector, with metadata
+    assert "lm" in with_lm.meta["inputs"] and "lm" not in plain.meta["inputs"]
+    assert with_lm.meta["cv_auc"] > plain.meta["cv_auc"]  # chosen on retired ads ...
+    t = world.truth.subset(cold).aligned(world.data.feature_names).theta
+    assert (
+        _cos_rows(with_lm.theta, t).mean() > _cos_rows(plain.theta, t).mean() + 0.01
+    )  # ... and it helps cold
+    with pytest.raises(ValueError, match="taken"):
+        pr.ad_blocks(prep, ids, None, extra={"meta": enc})

@@ -13,6 +13,7 @@ from llmhyper.ctr.prepare import prepare
 from llmhyper.data import load_dataset
 from llmhyper.data.scaling import stamp_scaling
 from llmhyper.errors import LLMHyperError
+from llmhyper.llm.lm_encoder import LMTextEncoder
 from llmhyper.retrieval.encoders import get_encoder
 from llmhyper.store import write_json_atomic
 from llmhyper.weights import WeightTable
@@ -52,6 +53,12 @@ def add_parser(sub) -> None:
         type=non_empty,
         help="also save every baseline's weights (and the retired pool) under this folder",
     )
+    p.add_argument(
+        "--prior-lm-vectors",
+        action="store_true",
+        help="also offer the ridge prior the embedded LM's own embedding of each ad (its mean hidden state; "
+        "~0.5 s per ad once, then cached); kept only if cross-validation on retired ads picks it",
+    )
     p.set_defaults(func=run)
 
 
@@ -70,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
             )
     encoder = get_encoder(args.encoder)
     prep = prepare(data, encoder=encoder, k=args.k, seed=args.seed)
-    methods = baseline_methods(prep, encoder, seed=args.seed)
+    if args.prior_lm_vectors:
+        with LMTextEncoder() as lm_encoder:
+            methods = baseline_methods(prep, encoder, seed=args.seed, prior_extra={"lm": lm_encoder})
+    else:
+        methods = baseline_methods(prep, encoder, seed=args.seed)
     clash = [name for name in artifacts if name in methods]
     if clash:
         raise LLMHyperError(

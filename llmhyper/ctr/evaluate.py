@@ -38,8 +38,14 @@ HEADERS = {
 
 
 def baseline_methods(
-    prep: Prepared, encoder=None, seed: int = 0, prior: PriorSettings | None = None
+    prep: Prepared,
+    encoder=None,
+    seed: int = 0,
+    prior: PriorSettings | None = None,
+    prior_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Every prior and baseline for the cold ads. `prior_extra`: more text encoders offered to the ridge
+    prior as inputs (kept only if cross-validation on retired ads picks them)."""
     data, cold = prep.data, prep.data.cold_ads
     knn = bl.knn_prior(prep.retired, prep.neighbours, cold)
     methods: dict[str, Any] = {
@@ -47,7 +53,7 @@ def baseline_methods(
         "lr_cold": bl.lr_cold(prep.retired, cold),
         "knn": knn,
         "knn_cal": bl.calibrated(knn, prep.X_cal, prep.alphas, "knn_cal"),
-        **ridge_methods(prep, encoder, prior or PriorSettings(seed=seed)),
+        **ridge_methods(prep, encoder, prior or PriorSettings(seed=seed), prior_extra),
         "popularity": bl.popularity(cold, data.feature_names, prep.alphas),
         "random": bl.random_weights(cold, data.feature_names, prep.X_cal, prep.alphas, seed),
     }

@@ -6,7 +6,8 @@ Inputs are blocks of columns built from each ad:
   (MovieLens `n_ratings` counts the test users' ratings too) and would leak the outcome;
 - `date`: its launch date (standardised), with a flag where it is missing;
 - `vector`: its encoder vector as retrieval uses it (text and image mixed);
-- `text`, `image`: the two halves of that vector, when the ads have images.
+- `text`, `image`: the two halves of that vector, when the ads have images;
+- any extra text encoder's vector under its own name (e.g. `lm`: the LM's own embedding of the ad).
 The outputs are the retired ads' trained weights and intercept (one multi-output scikit-learn ridge).
 Which blocks enter and the penalty are chosen by K-fold cross-validation on the retired ads only (never on
 cold ads): the score is the pooled AUC of each held-out ad's predicted model on the train users' clicks of
@@ -15,6 +16,7 @@ that ad, the metric `evaluate` reports. The model is saved as npz + JSON (no pic
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -95,10 +97,13 @@ def date_columns(ads: list[Ad], mean: float, sd: float) -> np.ndarray:
     return np.column_stack([z, missing.astype(float)])
 
 
-def ad_blocks(prep: Prepared, ad_ids: list[str], encoder=None) -> dict[str, np.ndarray]:
+def ad_blocks(
+    prep: Prepared, ad_ids: list[str], encoder=None, extra: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
     """The vector blocks of `ad_ids`: `vector` always; `text` and `image` when an encoder is given and some
     ads have images. The image half is recovered exactly from the mixed vector c = unit(t + i) and the text
-    vector t (both unit): i = 2 (c.t) c - t."""
+    vector t (both unit): i = 2 (c.t) c - t. `extra` names more text encoders (e.g. {"lm": the LM's own
+    embedding}), each a block of its own."""
     C = np.stack([prep.vectors[a] for a in ad_ids]).astype(np.float64)
     out = {"vector": C}
     has_image = np.array([bool(prep.data.ad_by_id[a].image) for a in ad_ids])
@@ -107,6 +112,10 @@ def ad_blocks(prep: Prepared, ad_ids: list[str], encoder=None) -> dict[str, np.n
         image = 2.0 * (C * T).sum(axis=1, keepdims=True) * C - T
         image[~has_image] = 0.0  # no image: no image signal (not a copy of the text)
         out["text"], out["image"] = T, image
+    for name, enc in (extra or {}).items():
+        if name in out or name in ("meta", "date"):
+            raise ValueError(f"extra block name {name!r} is taken")
+        out[name] = embed(prep.data, ad_ids, enc, images=False).astype(np.float64)
     return out
 
 
@@ -271,6 +280,9 @@ def candidate_inputs(ads: list[Ad], blocks: dict[str, np.ndarray]) -> list[tuple
     vectors = [(v,) for v in ("vector", "text") if v in blocks]
     if "text" in blocks and "image" in blocks:
         vectors.append(("text", "image"))
+    base = ("text",) if "text" in blocks else ("vector",)
+    for name in sorted(set(blocks) - set(VECTORS)):  # extra encoders: alone and beside the ad's text
+        vectors += [(name,), base + (name,)]
     return structured + vectors + [s + v for s in structured for v in vectors]
 
 
@@ -429,15 +441,19 @@ def retired_validation(prep: Prepared, oof_theta: np.ndarray, oof_intercept: np.
 
 
 def ridge_methods(
-    prep: Prepared, encoder=None, settings: PriorSettings = PriorSettings()
+    prep: Prepared,
+    encoder=None,
+    settings: PriorSettings = PriorSettings(),
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, WeightTable]:
     """`ridge` (its own intercept) and `ridge_cal` (L2-normalised, intercept shifted to the neighbours'
-    alpha, like knn_cal) for the cold ads; the retired validation AUCs ride in both tables' meta."""
+    alpha, like knn_cal) for the cold ads; the retired validation AUCs ride in both tables' meta. `extra`:
+    more text encoders offered to the prior as input blocks (see `ad_blocks`)."""
     cold = prep.data.cold_ads
     if len(prep.retired.ad_ids) < MIN_CV_ADS:
         return {}  # too few retired models to learn from; evaluate shows the other rows
     ids = prep.retired.ad_ids + cold
-    blocks = ad_blocks(prep, ids, encoder)
+    blocks = ad_blocks(prep, ids, encoder, extra)
     n = len(prep.retired.ad_ids)
     prior, val = select_prior(prep, {k: v[:n] for k, v in blocks.items()}, settings)
     prior.meta["retired_validation_auc"] = retired_validation(prep, val["oof_theta"], val["oof_intercept"])

@@ -330,6 +330,7 @@ class EmbeddedServer:
         health_timeout: float = 30.0,
         api_key: str | None = None,
         model_alias: str | None = None,
+        embedding: bool = False,
     ):
         if n_threads < 1:
             raise ValueError("n_threads must be >= 1")
@@ -358,6 +359,9 @@ class EmbeddedServer:
         p.api_keys = [self.api_key]
         p.ui = False
         p.endpoint_slots = False  # /slots would show prompts
+        if embedding:  # /v1/embeddings: the mean of the last hidden states over the prompt's tokens
+            p.embedding = True
+            p.pooling_type = xlc.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
         t0 = time.perf_counter()
         try:
             self._server = xlc.Server(p)
