@@ -223,3 +223,14 @@ def test_html_renders_in_headless_chromium(branched, tmp_path):
         assert f'id="cand-{idx}"' in dom
     assert 'id="score-plot"' in dom
     assert 'data-rendered-nodes="5"' in dom  # the inline script ran over the rendered tree
+
+
+def test_cli_evolution_shows_an_edit_compiles_search(tmp_path, capsys):
+    (tmp_path / "edit_x.json").write_text("{}")
+    (tmp_path / "edit_x.search.md").write_text("# Edit program search: edit_x.json\n\n| a <b> | 1 |\n")
+    out = tmp_path / "page.html"
+    assert main(["evolution", str(tmp_path / "edit_x.json"), "--html", str(out)]) == 0
+    assert "Edit program search" in capsys.readouterr().out
+    page = out.read_text()
+    assert "a &lt;b&gt;" in page and "<script" not in page
+    assert main(["evolution", str(tmp_path / "edit_y")]) == 2  # neither log: a clear error

@@ -374,6 +374,8 @@ CLI_CASES: list[tuple[str, list[str], tuple[str, ...]]] = [  # "{tmp}" is the te
     ("seed-negative", ["data", "--dataset", "synthetic", "--seed", "-1"], ("--seed", "0 or more")),
     ("seed-text", ["data", "--dataset", "synthetic", "--seed", "one"], ("--seed", "whole number")),
     ("k-zero", EV + ["--k", "0"], ("--k", "at least 1")),
+    ("edit-shots-above-k", ["edit", "compile", "--dataset", "synthetic", "--shots", "5,3", "--k", "3"], ("--shots 5", "--k 3")),
+    ("edit-shots-repeated", ["edit", "compile", "--dataset", "synthetic", "--shots", "3,3"], ("--shots", "distinct")),
     ("encoder-empty", EV + ["--encoder", ""], ("--encoder", "must not be empty")),
     ("bootstrap-negative", EV + ["--bootstrap", "-1"], ("--bootstrap", "0 or more")),
     ("bootstrap-text", EV + ["--bootstrap", "many"], ("--bootstrap",)),

@@ -53,3 +53,27 @@ def test_readme_commands_exist_with_their_options():
             assert all(opt in options(p) for p in parsers), f"README: `llmhyper {name}` has no option {opt}"
     missing = set(top) - shown
     assert not missing, f"commands missing from the README's command list: {sorted(missing)}"
+
+
+def all_parsers(parser: argparse.ArgumentParser, name: str = "llmhyper"):
+    yield name, parser
+    for sub, p in subparsers(parser).items():
+        yield from all_parsers(p, f"{name} {sub}")
+
+
+def test_every_command_help_has_a_purpose_and_each_default_once():
+    top = build_parser()
+    named = subparsers(top)
+    for name, parser in all_parsers(top):
+        if parser is not top and not parser.description:
+            raise AssertionError(f"`{name} --help` has no one-line purpose")
+        text = parser.format_help()
+        for action in parser._actions:
+            if not action.option_strings or action.help in (None, argparse.SUPPRESS):
+                continue
+            shown = parser._get_formatter()._get_help_string(action)
+            assert shown.count("(default:") <= 1, f"`{name}` {action.option_strings[0]}: {shown!r}"
+            if action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool):
+                assert "default" in shown, f"`{name}` {action.option_strings[0]} hides its default"
+        assert text
+    assert named

@@ -109,7 +109,13 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default in --help."""
+    """Shows every default in --help, except where the help already says what the default is (argparse
+    would add a second, misleading "(default: None)")."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class StrictParser(argparse.ArgumentParser):

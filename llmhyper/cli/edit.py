@@ -32,9 +32,18 @@ def add_parser(sub) -> None:
     )
     inner = p.add_subparsers(dest="edit_command", required=True)
     c = inner.add_parser(
-        "compile", help="fit gamma on held-out retired ads; write programs/NAME.json + manifest"
+        "compile",
+        help="fit the gate on held-out retired ads; write programs/NAME.json + manifest",
+        description="Run each prompt variant once on held-out retired ads, then fit, choose and report a "
+        "gate (how far the LM's labels move the prior) on thirds of them; writes OUT.json, "
+        "OUT.manifest.json, OUT.search.md and the resumable run folders OUT.gate/.",
     )
-    r = inner.add_parser("run", help="run a compiled edit program on the cold ads (resumable)")
+    r = inner.add_parser(
+        "run",
+        help="run a compiled edit program on the cold ads (resumable)",
+        description="Run a compiled edit program on the cold ads: one LM call per ad, weights written per "
+        "ad into OUT/; rerun the same command to resume.",
+    )
     for q in (c, r):
         add_data_args(q)
         q.add_argument("--lm", default="embedded", help="'embedded' or a DSPy model string (openai/...)")
@@ -105,6 +114,8 @@ def _setup(args: argparse.Namespace, config: EditConfig, group_by: str | None):
 def run_compile(args: argparse.Namespace) -> int:
     import dspy
 
+    if max(args.shots) > args.k:  # more past ads than are retrieved would run a variant twice under two names
+        raise LLMHyperError(f"--shots {max(args.shots)} is more than --k {args.k} retrieved past ads")
     config = EditConfig(mode=args.mode, layout=args.layout)
     data, encoder, prep, lm_settings, settings = _setup(args, config, args.group_by)
     gate = GateSettings(n_ads=args.validation_ads, seed=args.seed)
@@ -114,10 +125,7 @@ def run_compile(args: argparse.Namespace) -> int:
     captions = captions_for(prep, encoder, sorted(set(ids) | {n.ad_id for v in nbs.values() for n in v}))
     with build_lm(lm_settings) as handle, dspy.context(lm=handle.lm):
         client = client_for_handle(handle, cache_dir() / "lm-logprobs") if config.mode == "logprobs" else None
-        programs = {
-            f"shots-{n}": EditProgram(replace(config, shots=min(n, args.k)), client=client)
-            for n in args.shots
-        }
+        programs = {f"shots-{n}": EditProgram(replace(config, shots=n), client=client) for n in args.shots}
         man = compile_edit(
             prep,
             ctx,

@@ -84,6 +84,17 @@ def resolve_folder(path: str | Path) -> Path:
     )
 
 
+def edit_search_log(path: str | Path) -> Path | None:
+    """The log an edit compile wrote (`NAME.search.md`: every candidate it scored) for programs/NAME,
+    NAME.json or NAME.manifest.json; None when there is none. The edit compile searches prompt variants
+    and gate read-outs instead of evolving instructions, so this is its evolution log."""
+    s = str(path).rstrip("/")
+    for suffix in (".manifest.json", ".json", ".search.md"):
+        s = s.removesuffix(suffix)
+    log = Path(s + ".search.md")
+    return log if log.is_file() else None
+
+
 def load_evolution(path: str | Path) -> Evolution:
     """The log a compile wrote (`path`: see `resolve_folder`). Lines cut short by a kill are skipped."""
     folder = resolve_folder(path)

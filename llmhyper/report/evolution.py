@@ -343,3 +343,13 @@ def render_html(evo: Evolution) -> str:
         f'</section><section id="iterations"><h2>Iterations</h2>{table}</section>'
         f"<script>{JS}</script></body></html>\n"
     )
+
+
+def render_search_html(name: str, text: str) -> str:
+    """An edit compile's search log as one self-contained page (no script, nothing fetched)."""
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(name)}: edit program search</title>"
+        "<style>body{font:14px system-ui,sans-serif;margin:2em}pre{font:13px ui-monospace,monospace;"
+        "white-space:pre-wrap}</style></head>"
+        f"<body><h1>{_esc(name)}: edit program search</h1><pre>{_esc(text)}</pre></body></html>\n"
+    )
