@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, help="a generate run directory (OUT)")
     ap.add_argument("--label", help="row label (default: the run folder's name)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--threads", type=int, help="LM threads of the run, when its folder does not record them")
     args = ap.parse_args(argv)
     run = Path(args.run)
     label = args.label or run.name
@@ -102,11 +103,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ads = {str(r["ad_id"]): r for r in recs}
     calls = read_calls(run)
-    manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else {}
+    # a generate run has manifest.json; an edit run (or an edit compile's OUT.gate/shots-N) has config.json
+    meta_file = next((run / n for n in ("manifest.json", "config.json") if (run / n).exists()), None)
+    manifest = json.loads(meta_file.read_text()) if meta_file else {}
     lm = manifest.get("lm", {})
-    lm_desc = f"{lm.get('model', '?')}, {lm.get('n_threads', '?')} thread(s)" if lm else "?"
+    threads = lm.get("n_threads") or args.threads
+    lm_desc = f"{lm.get('model') or lm.get('spec', '?')}, {threads or '?'} thread(s)" if lm else "?"
 
-    secs = [float(r.get("seconds", 0.0)) for r in recs]
+    # an ad answered wholly from the LM cache took no LM time: keep it out of the timing
+    def from_cache(r: dict) -> bool:
+        attempts = r.get("attempts") or []
+        return bool(attempts) and all(a.get("cached") for a in attempts)
+
+    n_cached = sum(from_cache(r) for r in recs)
+    secs = [float(r.get("seconds", 0.0)) for r in recs if not from_cache(r)] or [0.0]
     ptok = [r.get("tokens", {}).get("prompt_tokens", 0) for r in recs]
     ctok = [r.get("tokens", {}).get("completion_tokens", 0) for r in recs]
     weight_calls = sum(r.get("calls", 0) for r in recs)
@@ -119,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     s, pt, ct = stats(secs), stats(ptok), stats(ctok)
     ad_row = {
         "case": label, "LM": lm_desc,
-        "ads (ok/partial/failed)": f"{len(recs)} ({status['ok']}/{status['partial']}/{status['failed']})",
+        "ads (ok/partial/failed)": f"{len(recs)} ({status['ok']}/{status['partial']}/{status['failed']})"
+        + (f", {n_cached} from cache (not timed)" if n_cached else ""),
         "s/ad mean": s["mean"], "s/ad median": s["median"], "s/ad p90": s["p90"],
         "prompt tok/ad mean / median / p90": f"{pt['mean']:.0f} / {pt['median']:.0f} / {pt['p90']:.0f}",
         "completion tok/ad mean / median / p90": f"{ct['mean']:.0f} / {ct['median']:.0f} / {ct['p90']:.0f}",
