@@ -113,7 +113,7 @@ def ad_blocks(
         image[~has_image] = 0.0  # no image: no image signal (not a copy of the text)
         out["text"], out["image"] = T, image
     for name, enc in (extra or {}).items():
-        if name in out or name in ("meta", "date"):
+        if name in STRUCTURED + VECTORS:
             raise ValueError(f"extra block name {name!r} is taken")
         out[name] = embed(prep.data, ad_ids, enc, images=False).astype(np.float64)
     return out
