@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return bool(attempts) and all(a.get("cached") for a in attempts)
 
     n_cached = sum(from_cache(r) for r in recs)
-    secs = [float(r.get("seconds", 0.0)) for r in recs if not from_cache(r)] or [0.0]
+    secs = [float(r.get("seconds", 0.0)) for r in recs if not from_cache(r)]
     ptok = [r.get("tokens", {}).get("prompt_tokens", 0) for r in recs]
     ctok = [r.get("tokens", {}).get("completion_tokens", 0) for r in recs]
     weight_calls = sum(r.get("calls", 0) for r in recs)

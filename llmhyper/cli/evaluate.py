@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
         "--prior-lm-vectors",
         action="store_true",
         help="also offer the ridge prior the embedded LM's own embedding of each ad (its mean hidden state; "
-        "~0.5 s per ad once, then cached); kept only if cross-validation on retired ads picks it",
+        "~1 s per ad once on 2 cores, then cached); kept only if cross-validation on retired ads picks it",
     )
     p.set_defaults(func=run)
 

@@ -37,11 +37,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     search = edit_search_log(args.path)
-    if (
-        search is not None
-        and not search.with_name(search.name.removesuffix(".search.md") + ".evolution").is_dir()
-    ):
-        # an edit compile: what it did is its search over prompt variants and gate read-outs
+    if search is not None:  # an edit compile: its search over prompt variants and gate read-outs
         text = search.read_text()
         print(text, end="")
         if args.html:

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from llmhyper.errors import DataError, LLMHyperError
-from llmhyper.llm.embedded import EMBEDDED_MODEL, EmbeddedServer
+from llmhyper.llm.embedded import _NO_PROXY, EMBEDDED_MODEL, EmbeddedServer
 from llmhyper.retrieval.encoders import Encoder
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # hidden size of the shipped model (Qwen2.5-1.5B); the cache needs it before any server starts
 EMBEDDED_DIM = 1536
 
@@ -28,8 +27,6 @@ EMBEDDED_DIM = 1536
 class LMTextEncoder(Encoder):
     """Text -> unit vector from the embedded LM's embedding mode (its own llama.cpp server, started on the
     first text that is not already in the embedding cache and closed by `close()`)."""
-
-    caption_prefix = "no caption"
 
     def __init__(
         self, model_path: str | PathLike | None = None, *, n_threads: int = 2, dim: int | None = None

@@ -86,13 +86,14 @@ def resolve_folder(path: str | Path) -> Path:
 
 def edit_search_log(path: str | Path) -> Path | None:
     """The log an edit compile wrote (`NAME.search.md`: every candidate it scored) for programs/NAME,
-    NAME.json or NAME.manifest.json; None when there is none. The edit compile searches prompt variants
-    and gate read-outs instead of evolving instructions, so this is its evolution log."""
+    NAME.json or NAME.manifest.json; None when there is none, or when a GEPA evolution log (NAME.evolution)
+    is there too. The edit compile searches prompt variants and gate read-outs instead of evolving
+    instructions, so this is its evolution log."""
     s = str(path).rstrip("/")
     for suffix in (".manifest.json", ".json", ".search.md"):
         s = s.removesuffix(suffix)
     log = Path(s + ".search.md")
-    return log if log.is_file() else None
+    return log if log.is_file() and not Path(s + ".evolution").is_dir() else None
 
 
 def load_evolution(path: str | Path) -> Evolution:
